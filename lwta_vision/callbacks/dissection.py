@@ -1,0 +1,230 @@
+"""Label neurons in words at the end of validation epochs and log how the labels evolve."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from lwta_vision.dissect.concepts import load_concept_set
+from lwta_vision.dissect.engine import label_drift
+from lwta_vision.dissect.pipeline import label_records, probe_loader
+from lwta_vision.dissect.probe import ProbeSet
+from lwta_vision.dissect.recording import merge_records, record_activations, resolve_layers
+from lwta_vision.dissect.report import write_tables
+from lwta_vision.dissect.scorers import GroundTruthScorer, Scorer
+
+log = logging.getLogger(__name__)
+
+
+class NeuronDissection(Callback):
+    """CLIP-Dissect-style labeling of chosen layers during training.
+
+    The image-concept matrix (CLIP embeddings or ground truth) is computed once per run; each dissection
+    only re-records the network's activations on the probe set, under ``no_grad`` with train/eval modes
+    restored. The sanity-check pass is skipped. Under DDP each rank records a shard of the probe set and
+    the shards are gathered, so every rank labels the same full matrix and ends in the same state.
+
+    Logs per layer ``dissect/<layer>/unique_labels``, ``.../mean_score``, ``.../active_fraction``,
+    ``.../label_drift`` (fraction of units whose label changed since the last dissection), writes the label
+    table as CSV under ``<log_dir>/dissection/epoch_<n>/`` and, with a wandb logger, a wandb Table with
+    each unit's top images.
+
+    Args:
+        layers: module paths inside the LightningModule's ``model`` (e.g. ``layer3``, ``fc``).
+        every_n_epochs: dissect every n validation epochs.
+        probe_split: which split of the datamodule to probe ("val", "test" or "train").
+        probe: an explicit probe set instead (e.g. an image folder); overrides ``probe_split``.
+        max_probe_images: use only the first n probe images (faster; None = all).
+        scorer: image-concept scorer; default: ground truth when the probe data carries concept
+            annotations (the generated dataset), else it must be given (e.g. a ``CLIPScorer``).
+        concepts: concept set name or text file; default: the ground-truth scorer's concepts, else "20k".
+        similarity, similarity_kwargs: see ``lwta_vision.dissect.similarity``.
+        pooling, token_pooling: per-neuron summary of conv maps / token outputs.
+        batch_size: probe batch size.
+        table_images: top images per unit in the wandb table.
+    """
+
+    def __init__(
+        self,
+        layers: list[str],
+        every_n_epochs: int = 1,
+        probe_split: str = "val",
+        probe: Optional[ProbeSet] = None,
+        max_probe_images: Optional[int] = None,
+        scorer: Optional[Scorer] = None,
+        concepts: Optional[str] = None,
+        similarity: str = "soft_wpmi",
+        similarity_kwargs: Optional[dict] = None,
+        pooling: str = "mean",
+        token_pooling: str = "cls",
+        batch_size: int = 128,
+        table_images: int = 3,
+    ):
+        if every_n_epochs < 1:
+            raise ValueError(f"NeuronDissection every_n_epochs must be >= 1, got {every_n_epochs}")
+        self.layers = list(layers)
+        self.every_n_epochs, self.probe_split, self.probe = every_n_epochs, probe_split, probe
+        self.max_probe_images, self.scorer, self.concepts_spec = max_probe_images, scorer, concepts
+        self.similarity, self.similarity_kwargs = similarity, dict(similarity_kwargs or {})
+        self.pooling, self.token_pooling, self.batch_size = pooling, token_pooling, batch_size
+        self.table_images = table_images
+        self.previous_labels: dict[str, list[Optional[str]]] = {}
+        self.history: list[dict[str, Any]] = []
+        self._image_concept: Optional[torch.Tensor] = None
+        self._concepts: Optional[list[str]] = None
+        self._dissections = 0
+
+    # -- setup -------------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        resolve_layers(_network(pl_module), self.layers)  # a wrong layer fails before training starts
+        if self.probe is None:
+            dm = trainer.datamodule
+            if dm is None or not hasattr(dm, "probe_set"):
+                raise ValueError("NeuronDissection needs a datamodule with probe_set() or an explicit probe=")
+            self.probe = dm.probe_set(self.probe_split)
+        if self.max_probe_images is not None and self.max_probe_images < len(self.probe):
+            self.probe = _first_n(self.probe, self.max_probe_images)
+
+    def _ensure_concepts(self) -> None:
+        if self._image_concept is not None:
+            return
+        if self.scorer is None:
+            base = getattr(self.probe.dataset, "dataset", self.probe.dataset)
+            if not hasattr(self.probe.dataset, "presence_matrix") and not hasattr(base, "presence_matrix"):
+                raise ValueError(
+                    "NeuronDissection: the probe data has no concept annotations; set scorer (e.g. "
+                    "class_path: lwta_vision.dissect.scorers.CLIPScorer) in the callback's init_args"
+                )
+            self.scorer = GroundTruthScorer.from_dataset(self.probe.dataset)
+        if self.concepts_spec is None:
+            concepts = list(getattr(self.scorer, "concept_names", None) or load_concept_set("20k"))
+        else:
+            concepts = load_concept_set(self.concepts_spec)
+        self._concepts = concepts
+        self._image_concept = self.scorer.similarity(self.probe, concepts).float().cpu()
+
+    # -- the work ----------------------------------------------------------------------------------
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        self._ensure_concepts()
+        net = _network(pl_module)
+        world, rank = trainer.world_size, trainer.global_rank
+        indices = list(range(rank, len(self.probe), world))
+        loader = probe_loader(self.probe, self.batch_size, 0, indices)
+        top_k = max(int(self.similarity_kwargs.get("top_k", 100)), self.table_images)
+        records = record_activations(net, self.layers, loader, self.pooling, self.token_pooling, top_k,
+                                     pl_module.device)
+        if world > 1:
+            records = _gather_records(trainer, records, len(self.probe), top_k)
+        results = label_records(records, self._image_concept, self._concepts, self.similarity,
+                                self.similarity_kwargs)
+        epoch = trainer.current_epoch
+        entry = {"epoch": epoch}
+        for layer, res in results.items():
+            labels = res.labels
+            drift = label_drift(self.previous_labels[layer], labels) if layer in self.previous_labels else float("nan")
+            self.previous_labels[layer] = labels
+            metrics = {
+                "unique_labels": float(res.summary["unique_labels"]),
+                "mean_score": float(res.summary["mean_top_score"]),
+                "active_fraction": float(res.summary["active_fraction"]),
+            }
+            if drift == drift:  # not NaN: a previous dissection exists
+                metrics["label_drift"] = drift
+            for k, v in metrics.items():
+                pl_module.log(f"dissect/{layer}/{k}", v, on_epoch=True, sync_dist=False, rank_zero_only=True)
+            entry[layer] = metrics
+        self.history.append(entry)
+        self._dissections += 1
+        self._write(trainer, results, epoch)
+
+    @rank_zero_only
+    def _write(self, trainer: L.Trainer, results, epoch: int) -> None:
+        out = Path(trainer.log_dir or trainer.default_root_dir) / "dissection" / f"epoch_{epoch:03d}"
+        write_tables(out, results, meta={"epoch": epoch, "probe": self.probe.name, "similarity": self.similarity})
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                self._log_wandb_tables(logger, results, epoch)
+
+    def _log_wandb_tables(self, logger: WandbLogger, results, epoch: int) -> None:
+        import wandb
+
+        columns = ["layer", "unit", "label", "score", "label_2", "label_3", "win_rate", "active"]
+        columns += [f"top_{i + 1}" for i in range(self.table_images)]
+        for layer, res in results.items():
+            data = []
+            for r in res.rows:
+                d = r.as_dict()
+                imgs = [wandb.Image(self.probe.raw(i)) for i in r.top_images[: self.table_images]]
+                imgs += [None] * (self.table_images - len(imgs))
+                data.append([layer, r.unit, d["label"], d["score"], d["label_2"], d["label_3"], d["win_rate"],
+                             d["active"], *imgs])
+            logger.log_table(key=f"dissect/{layer}/labels", columns=columns, data=data)
+
+    # -- state ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"previous_labels": self.previous_labels, "history": self.history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.previous_labels = dict(state_dict.get("previous_labels", {}))
+        self.history = list(state_dict.get("history", []))
+
+
+def _network(pl_module: L.LightningModule) -> torch.nn.Module:
+    """The backbone inside the LightningModule (layer paths are relative to it)."""
+    return getattr(pl_module, "model", pl_module)
+
+
+class _FirstN(torch.utils.data.Dataset):
+    def __init__(self, ds, n: int):
+        self.dataset, self.n = ds, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if i >= self.n:
+            raise IndexError(i)
+        return self.dataset[i]
+
+    def presence_matrix(self):
+        return self.dataset.presence_matrix()[: self.n]
+
+    def __getattr__(self, name):
+        if name in ("dataset", "n"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def _first_n(probe: ProbeSet, n: int) -> ProbeSet:
+    return ProbeSet(_FirstN(probe.dataset, n), probe.transform, f"{probe.name}[:{n}]", probe.grayscale)
+
+
+def _gather_records(trainer: L.Trainer, records, num_images: int, top_k: int):
+    """All-gather each rank's shard (padded to equal length) and merge into full-probe records."""
+    gathered = {}
+    for name, rec in records.items():
+        n_max = -(-num_images // trainer.world_size)
+        pad = n_max - rec.pooled.shape[0]
+        pooled = torch.cat([rec.pooled, rec.pooled.new_zeros(pad, rec.num_units)])
+        ids = torch.cat([rec.image_ids, rec.image_ids.new_full((pad,), -1)])
+        counts = torch.tensor([rec.pooled.shape[0]], dtype=torch.float64)
+        dev = trainer.strategy.root_device
+        g_pooled = trainer.strategy.all_gather(pooled.to(dev)).cpu()
+        g_ids = trainer.strategy.all_gather(ids.to(dev)).cpu()
+        g_win = trainer.strategy.all_gather(rec.win_rate.double().to(dev)).cpu()
+        g_inp = trainer.strategy.all_gather(rec.input_rate.double().to(dev)).cpu()
+        g_n = trainer.strategy.all_gather(counts.to(dev)).cpu()
+        shards = []
+        for r in range(trainer.world_size):
+            keep = g_ids[r] >= 0
+            shards.append((g_pooled[r][keep], g_ids[r][keep], g_win[r], g_inp[r], float(g_n[r])))
+        gathered[name] = merge_records(name, shards, top_k, rec.spatial)
+    return gathered

@@ -1,0 +1,95 @@
+"""Load a trained network from a checkpoint without Lightning: weights-only, with clear errors."""
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from lwta_vision.models import create_model
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """``torch.load(weights_only=True)`` with one clear error for a missing, truncated or foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist (pass the .ckpt written by train.py, "
+                                f"e.g. runs/<name>/version_0/checkpoints/last.ckpt)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as err:
+        raise CheckpointError(
+            f"{str(path)!r} is not a readable PyTorch checkpoint (truncated, corrupt, or not a checkpoint): "
+            f"{str(err).splitlines()[0][:200]}"
+        ) from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{str(path)!r} holds a {type(ckpt).__name__}, not a checkpoint dict")
+    return ckpt
+
+
+def _state_dict(ckpt: dict) -> dict[str, torch.Tensor]:
+    sd = ckpt.get("state_dict", ckpt)
+    if not isinstance(sd, dict) or not any(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError("checkpoint has no state_dict of tensors")
+    if any(k.startswith("model.") for k in sd):  # LitClassifier stores the backbone under "model."
+        sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def load_network(
+    path: str | Path,
+    model: Optional[str] = None,
+    model_kwargs: Optional[dict] = None,
+    num_classes: Optional[int] = None,
+    in_channels: Optional[int] = None,
+) -> tuple[nn.Module, dict]:
+    """Rebuild the backbone of a train.py checkpoint (or a plain state dict given ``model``) in eval mode.
+
+    Returns the network and the hyper-parameters it was built with (including ``class_names`` when the
+    checkpoint has them). Arguments override what the checkpoint records.
+    """
+    ckpt = read_checkpoint(path)
+    hp = dict(ckpt.get("hyper_parameters", {}))
+    if model is not None:
+        hp["model"] = model
+    if model_kwargs is not None:
+        hp["model_kwargs"] = model_kwargs
+    if num_classes is not None:
+        hp["num_classes"] = num_classes
+    if in_channels is not None:
+        hp["in_channels"] = in_channels
+    if "model" not in hp:
+        raise CheckpointError(
+            f"{str(path)!r} has no lwta_vision hyper-parameters; pass the architecture (model=..., "
+            f"model_kwargs=..., num_classes=...) to load a plain state dict"
+        )
+    sd = _state_dict(ckpt)
+    kwargs = dict(hp.get("model_kwargs") or {})
+    if "num_classes" in hp:
+        kwargs["num_classes"] = hp["num_classes"]
+    if "in_channels" in hp:
+        kwargs["in_channels"] = hp["in_channels"]
+    net = create_model(hp["model"], **kwargs)
+    missing, unexpected = _compare(net.state_dict(), sd)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{str(path)!r} does not match architecture {hp['model']!r} with {kwargs}: "
+            f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected or mis-shaped "
+            f"(e.g. {unexpected[:3]}). Was it trained with another model or number of classes?"
+        )
+    net.load_state_dict(sd)
+    net.eval()
+    return net, hp
+
+
+def _compare(expected: dict, given: dict) -> tuple[list[str], list[str]]:
+    missing = [k for k in expected if k not in given]
+    bad = [k for k in given if k not in expected or tuple(given[k].shape) != tuple(expected[k].shape)]
+    return missing, bad

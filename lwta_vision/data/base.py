@@ -1,0 +1,210 @@
+"""The base LightningDataModule: splits, transforms, loaders and probe sets shared by every dataset.
+
+Every dataset module supplies *raw* splits whose items are ``(PIL image, label)``; this base puts the
+transforms on separate views of them. Keeping raw data and transforms apart is what lets the same images
+serve training (augmented), validation (eval transform only) and dissection (untouched, so CLIP and the
+HTML report can apply their own preprocessing).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+from lwta_vision.dissect.probe import ProbeSet
+
+SPLITS = ("train", "val", "test")
+
+
+class ArrayImageDataset(Dataset):
+    """``(PIL image, label)`` items from a uint8 array of shape ``[N, H, W]`` or ``[N, H, W, C]``.
+
+    Decoded-in-memory datasets (Fashion-MNIST, CIFAR) are small enough to hold as one array, and PIL is
+    the common currency of torchvision transforms and of :class:`ProbeSet`.
+    """
+
+    def __init__(self, images: np.ndarray, labels: Sequence[int]):
+        if images.dtype != np.uint8 or images.ndim not in (3, 4):
+            raise ValueError(f"images must be uint8 [N, H, W] or [N, H, W, C]; got {images.dtype} {images.shape}")
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return Image.fromarray(self.images[i]), int(self.labels[i])
+
+
+class TransformedView(Dataset):
+    """A view of a raw ``(image, label)`` dataset: optional subset of indices, optional image transform.
+
+    Train and val views share one underlying dataset but never a transform, so validation images are
+    never augmented.
+    """
+
+    def __init__(self, dataset: Dataset, indices: Optional[Sequence[int]] = None,
+                 transform: Optional[Callable] = None):
+        self.dataset, self.transform = dataset, transform
+        self.indices = None if indices is None else [int(i) for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.dataset) if self.indices is None else len(self.indices)
+
+    def __getitem__(self, i: int):
+        if self.indices is not None:
+            i = self.indices[i]
+        image, label = self.dataset[i]
+        return (image if self.transform is None else self.transform(image)), label
+
+
+def held_out_split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Sorted ``(train_indices, val_indices)``; the same ``(n, val_fraction, seed)`` gives the same split."""
+    n_val = int(round(n * val_fraction))
+    if not 0 < n_val < n:
+        raise ValueError(f"val_fraction={val_fraction} of {n} training images leaves an empty split; "
+                         f"set data.init_args.val_fraction so that both splits get at least one image")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return sorted(perm[n_val:].tolist()), sorted(perm[:n_val].tolist())
+
+
+class VisionDataModule(L.LightningDataModule):
+    """Shared machinery of the image-classification DataModules.
+
+    Subclasses set the class attributes below and implement :meth:`_load_raw_splits`; they may add
+    augmentations in :meth:`_augmentation`. The class attributes are available right after ``__init__``
+    (before any data is read) because LightningCLI links them into the model at instantiation.
+
+    Args:
+        data_dir: where the dataset lives (or is downloaded to).
+        batch_size: images per batch for every loader.
+        num_workers: DataLoader worker processes.
+        val_fraction: fraction of the training set held out for validation, for datasets without an
+            official validation split; ``None`` for datasets that have one.
+        seed: seeds the held-out split, so it is the same on every run and every rank.
+        augment: apply the dataset's training augmentation (validation and test never get any).
+        pin_memory: pin host memory in the loaders (helps GPU training).
+    """
+
+    name: str = "dataset"
+    num_classes: int
+    class_names: list[str]
+    in_channels: int = 3
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __init__(self, data_dir: Optional[str], batch_size: int = 128, num_workers: int = 2,
+                 val_fraction: Optional[float] = 0.1, seed: int = 0, augment: bool = True,
+                 pin_memory: bool = False):
+        super().__init__()
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}; set data.init_args.batch_size")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}; set data.init_args.num_workers")
+        if val_fraction is not None and not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}; "
+                             f"set data.init_args.val_fraction")
+        self.data_dir = data_dir
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.augment = augment
+        self.pin_memory = pin_memory
+        self._raw: Optional[dict[str, tuple[Dataset, Optional[list[int]]]]] = None
+
+    # ----------------------------------------------------------------------------------- subclass hooks
+    def _load_raw_splits(self) -> dict[str, Dataset]:
+        """Raw ``(PIL image, label)`` datasets keyed "train" and "test", plus "val" if the dataset has one."""
+        raise NotImplementedError
+
+    def _augmentation(self) -> list[Callable]:
+        """PIL -> PIL training augmentations, applied before the eval transform."""
+        return []
+
+    # ------------------------------------------------------------------------------------- transforms
+    @property
+    def eval_transform(self) -> Callable:
+        """PIL image -> normalised float tensor, as the network sees it at evaluation."""
+        return T.Compose([T.ToTensor(), T.Normalize(self.mean, self.std)])
+
+    @property
+    def train_transform(self) -> Callable:
+        """Augmentation (when ``augment``) followed by the eval transform."""
+        if not self.augment:
+            return self.eval_transform
+        return T.Compose([*self._augmentation(), T.ToTensor(), T.Normalize(self.mean, self.std)])
+
+    # ------------------------------------------------------------------------------------------ setup
+    def setup(self, stage: Optional[str] = None) -> None:
+        """Read every split once (they are small); later calls are no-ops."""
+        if self._raw is not None:
+            return
+        raw = self._load_raw_splits()
+        if "val" in raw:
+            self._raw = {split: (raw[split], None) for split in SPLITS}
+        else:
+            if self.val_fraction is None:
+                raise ValueError(f"{type(self).__name__} has no validation split; "
+                                 f"set data.init_args.val_fraction")
+            train_idx, val_idx = held_out_split(len(raw["train"]), self.val_fraction, self.seed)
+            self._raw = {"train": (raw["train"], train_idx), "val": (raw["train"], val_idx),
+                         "test": (raw["test"], None)}
+
+    def _ensure_setup(self) -> None:
+        # Lightning calls prepare_data/setup before the loaders; scripts and callbacks that use the
+        # DataModule on its own should not have to remember to.
+        if self._raw is None:
+            self.prepare_data()
+            self.setup()
+
+    def _view(self, split: str, transform: Optional[Callable]) -> Dataset:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+        self._ensure_setup()
+        dataset, indices = self._raw[split]
+        if indices is None and transform is None:
+            return dataset
+        return TransformedView(dataset, indices, transform)
+
+    def dataset(self, split: str) -> Dataset:
+        """The split as the network sees it: augmented for "train", eval transform otherwise."""
+        return self._view(split, self.train_transform if split == "train" else self.eval_transform)
+
+    # ------------------------------------------------------------------------------------ dataloaders
+    def _loader(self, split: str) -> DataLoader:
+        # No implicit setup here: LightningDataModule.__str__ calls the loader methods, and printing a
+        # DataModule must not read or download a dataset.
+        if self._raw is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() has not run; call prepare_data() and setup() "
+                               f"first (the Trainer does this for you)")
+        return DataLoader(self.dataset(split), batch_size=self.batch_size, shuffle=split == "train",
+                          num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    # ------------------------------------------------------------------------------------ dissection
+    def probe_dataset(self, split: str = "val") -> Dataset:
+        """Raw ``(PIL image, label)`` items of a split: no augmentation, no normalisation."""
+        return self._view(split, None)
+
+    def probe_set(self, split: str = "val") -> ProbeSet:
+        """The split as a :class:`ProbeSet`, carrying this DataModule's eval transform."""
+        return ProbeSet(self.probe_dataset(split), self.eval_transform, name=f"{self.name}-{split}",
+                        grayscale=self.in_channels == 1)

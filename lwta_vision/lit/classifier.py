@@ -1,0 +1,136 @@
+"""LightningModule for image classification with LWTA (or baseline) backbones."""
+from __future__ import annotations
+
+from typing import Optional
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from lwta_vision.layers import collect_lwta_stats, lwta_modules
+from lwta_vision.models import create_model
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class LitClassifier(L.LightningModule):
+    """Cross-entropy classifier around a registry backbone.
+
+    Logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``val/acc_top5``, ``val/sparsity`` (mean
+    fraction of non-zero LWTA outputs; 1/U when competition is hard) and ``val/sparsity/<layer>``.
+
+    Args:
+        model: registry name (see ``lwta_vision.models.list_models()``).
+        model_kwargs: backbone arguments, e.g. ``{"act": "lwta", "act_kwargs": {"competitors": 2}}``.
+        num_classes, in_channels, class_names: linked from the datamodule by the CLI.
+        optimizer, lr_scheduler: callables from the config (``class_path`` + ``init_args``).
+        label_smoothing: cross-entropy label smoothing.
+        kl_weight: weight of the KL(q || uniform) LWTA regulariser (0 = off, as in DISCOVER).
+    """
+
+    def __init__(
+        self,
+        model: str = "convnet_small",
+        model_kwargs: Optional[dict] = None,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        class_names: Optional[list[str]] = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: Optional[LRSchedulerCallable] = None,
+        label_smoothing: float = 0.0,
+        kl_weight: float = 0.0,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.model = create_model(model, num_classes=num_classes, in_channels=in_channels, **(model_kwargs or {}))
+        self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        self.train_acc = MulticlassAccuracy(num_classes, top_k=1)
+        self.val_acc = MulticlassAccuracy(num_classes, top_k=1)
+        self.val_acc5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes))
+        self.test_acc = MulticlassAccuracy(num_classes, top_k=1)
+        self.test_acc5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes))
+        self._has_lwta = bool(lwta_modules(self.model))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def _loss(self, logits: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        x, y = batch[0], batch[1]
+        log_now = self.trainer is not None and self.global_step % max(self.trainer.log_every_n_steps, 1) == 0
+        want_kl = self.hparams.kl_weight > 0
+        if self._has_lwta and (log_now or want_kl):
+            with collect_lwta_stats(self.model, sparsity=log_now, kl=want_kl) as stats:
+                logits = self(x)
+        else:
+            stats, logits = None, self(x)
+        loss = self._loss(logits, y)
+        if want_kl and stats is not None and stats.kl:
+            kl = stats.kl_total()
+            loss = loss + self.hparams.kl_weight * kl
+            self.log("train/kl", kl, on_step=True, on_epoch=False)
+        if not torch.isfinite(loss):
+            self._raise_non_finite(loss, x)
+        self.train_acc(logits, y)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        if stats is not None and stats.nonzero:
+            self.log("train/sparsity", _mean(stats.sparsity.values()), on_step=True, on_epoch=False)
+        return loss
+
+    def _raise_non_finite(self, loss: Tensor, x: Tensor) -> None:
+        with torch.no_grad(), collect_lwta_stats(self.model) as stats:
+            out = self.model(x)
+        layers = ", ".join(f"{k}: nonzero={v:.3f}" for k, v in stats.sparsity.items()) or "no LWTA layers"
+        raise NonFiniteLossError(
+            f"loss is {loss.item()} at global step {self.global_step} (epoch {self.current_epoch}); "
+            f"logits finite: {bool(torch.isfinite(out).all())}; input finite: {bool(torch.isfinite(x).all())}; "
+            f"LWTA layers: {layers}. Lower the learning rate, enable gradient clipping "
+            f"(trainer.gradient_clip_val) or use fp32 precision."
+        )
+
+    def _eval_step(self, batch, stage: str) -> None:
+        x, y = batch[0], batch[1]
+        if self._has_lwta:
+            with collect_lwta_stats(self.model) as stats:
+                logits = self(x)
+            for name, value in stats.sparsity.items():
+                self.log(f"{stage}/sparsity/{name}", value, on_epoch=True, sync_dist=True)
+            self.log(f"{stage}/sparsity", _mean(stats.sparsity.values()), on_epoch=True, sync_dist=True)
+        else:
+            logits = self(x)
+        acc, acc5 = (self.val_acc, self.val_acc5) if stage == "val" else (self.test_acc, self.test_acc5)
+        acc(logits, y)
+        acc5(logits, y)
+        self.log(f"{stage}/loss", self._loss(logits, y), prog_bar=stage == "val", sync_dist=True)
+        self.log(f"{stage}/acc", acc, prog_bar=True)
+        self.log(f"{stage}/acc_top5", acc5)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def predict_step(self, batch, batch_idx: int) -> Tensor:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(x).softmax(-1)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"}}
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else 0.0
