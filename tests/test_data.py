@@ -21,7 +21,7 @@ from lwta_vision.data.fashion_mnist import (
     find_fashion_mnist_files,
     read_idx,
 )
-from lwta_vision.data.generated import _PALETTE, COLOURS, SHAPES, TEXTURES, render_scene
+from lwta_vision.data.generated import _PALETTE, COLOURS, SHAPES, render_scene
 from lwta_vision.dissect.probe import ProbeSet
 
 

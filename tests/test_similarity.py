@@ -25,16 +25,15 @@ def _random_inputs(n, k, m, seed):
 
 
 def _formula_soft_wpmi(activations, sims, top_k, a=10.0, lam=1.0, p_start=0.998, p_end=0.97, min_prob=1e-7):
-    """ALGORITHMS.md written out with Python loops, float64."""
+    """ALGORITHMS.md written out neuron by neuron, float64."""
     n, k_neurons = activations.shape
     top_k = min(top_k, n)
     probs = torch.softmax(a * sims.double(), dim=1)
+    weights = torch.tensor([p_start - (r / top_k) * (p_start - p_end) for r in range(top_k)], dtype=torch.float64)
     log_pk = torch.zeros(k_neurons, sims.shape[1], dtype=torch.float64)
     for neuron in range(k_neurons):
-        order = torch.argsort(activations[:, neuron], descending=True, stable=True)[:top_k]
-        for r, image in enumerate(order.tolist()):
-            w = p_start - (r / top_k) * (p_start - p_end)
-            log_pk[neuron] += torch.log(1 + w * (probs[image] - 1) + min_prob)
+        images = torch.argsort(activations[:, neuron], descending=True, stable=True)[:top_k]
+        log_pk[neuron] = torch.log(1 + weights[:, None] * (probs[images] - 1) + min_prob).sum(dim=0)
     log_pt = torch.logsumexp(log_pk, dim=0) - math.log(k_neurons)
     return log_pk - lam * log_pt
 

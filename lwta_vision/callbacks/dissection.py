@@ -143,11 +143,12 @@ class NeuronDissection(Callback):
             entry[layer] = metrics
         self.history.append(entry)
         self._dissections += 1
-        self._write(trainer, results, epoch)
+        # trainer.log_dir is a collective under DDP (a broadcast): every rank must ask, not only rank 0
+        out = Path(trainer.log_dir or trainer.default_root_dir) / "dissection" / f"epoch_{epoch:03d}"
+        self._write(trainer, results, epoch, out)
 
     @rank_zero_only
-    def _write(self, trainer: L.Trainer, results, epoch: int) -> None:
-        out = Path(trainer.log_dir or trainer.default_root_dir) / "dissection" / f"epoch_{epoch:03d}"
+    def _write(self, trainer: L.Trainer, results, epoch: int, out: Path) -> None:
         write_tables(out, results, meta={"epoch": epoch, "probe": self.probe.name, "similarity": self.similarity})
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):

@@ -1,5 +1,11 @@
-"""LightningDataModules for the image datasets, and the generated concept dataset used to test dissection."""
+"""LightningDataModules for the image datasets, and the generated concept dataset used to test dissection.
+
+Every DataModule keeps its splits raw (PIL images) and exposes ``probe_set(split)`` for dissection; see
+:class:`VisionDataModule`.
+"""
 from lwta_vision.data.base import ArrayImageDataset, TransformedView, VisionDataModule
+from lwta_vision.data.cifar import CIFAR10DataModule, CIFAR100DataModule
+from lwta_vision.data.fashion_mnist import FashionMNISTDataModule, read_idx
 from lwta_vision.data.generated import (
     CONCEPT_CATEGORIES,
     CONCEPT_NAMES,
@@ -9,10 +15,14 @@ from lwta_vision.data.generated import (
 
 __all__ = [
     "ArrayImageDataset",
+    "CIFAR10DataModule",
+    "CIFAR100DataModule",
     "CONCEPT_CATEGORIES",
     "CONCEPT_NAMES",
     "ConceptDataModule",
+    "FashionMNISTDataModule",
     "ShapesConceptDataset",
     "TransformedView",
     "VisionDataModule",
+    "read_idx",
 ]

@@ -238,10 +238,13 @@ class ShapesConceptDataset(Dataset):
     def __len__(self) -> int:
         return self.num_samples
 
-    def _rng(self, i: int) -> np.random.Generator:
+    def _check_index(self, i: int) -> int:
         if not 0 <= i < self.num_samples:
             raise IndexError(f"index {i} out of range for {self.num_samples} samples")
-        return np.random.default_rng([self.seed, _STREAMS[self.split], i])
+        return int(i)
+
+    def _rng(self, i: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, _STREAMS[self.split], self._check_index(i)])
 
     def _scene(self, i: int) -> dict:
         return render_scene(self._rng(i), self.image_size)
@@ -302,13 +305,12 @@ class ShapesConceptDataset(Dataset):
     def image(self, i: int) -> np.ndarray:
         """uint8 ``[H, W, 3]`` image of sample ``i``."""
         if self._images is not None:
-            self._rng(i)  # bounds check
-            return self._images[i]
+            return self._images[self._check_index(i)]
         return _PALETTE[self._scene(i)["colours"]]
 
     def __getitem__(self, i: int):
         if self._images is not None:
-            self._rng(i)
+            i = self._check_index(i)
             image, label = self._images[i], int(self._labels[i])
         else:
             scene = self._scene(i)
@@ -339,6 +341,7 @@ class ConceptDataModule(VisionDataModule):
     concept_names = list(CONCEPT_NAMES)
     concept_categories = list(CONCEPT_CATEGORIES)
     in_channels = 3
+    image_size = 64  # overridden per instance by the image_size argument
     mean = (0.5, 0.5, 0.5)
     std = (0.5, 0.5, 0.5)
 

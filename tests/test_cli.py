@@ -1,0 +1,95 @@
+"""train.py through the real LightningCLI: fast_dev_run, configs, the dissection callback, DDP."""
+import csv
+import glob
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lwta_vision.cli import cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = str(ROOT / "configs" / "quickstart.yaml")
+TINY = [
+    "--data.init_args.num_train", "256", "--data.init_args.num_val", "128", "--data.init_args.num_test", "64",
+    "--data.init_args.batch_size", "64", "--trainer.enable_progress_bar", "false",
+    "--trainer.enable_model_summary", "false",
+]
+
+
+def _logger_args(tmp_path, name="t"):
+    return ["--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.logger.init_args.name", name,
+            "--trainer.default_root_dir", str(tmp_path)]
+
+
+def test_fast_dev_run_quickstart(tmp_path):
+    cli = cli_main(["fit", "--config", QUICK, "--trainer.fast_dev_run", "2", *TINY, *_logger_args(tmp_path)])
+    assert cli.trainer.state.finished
+    assert cli.model.hparams.num_classes == 6  # linked from the datamodule
+    assert cli.model.class_names[0] == "circle"
+
+
+@pytest.mark.parametrize("config", sorted(glob.glob(str(ROOT / "configs" / "*.yaml"))))
+def test_every_config_parses_and_builds(config, tmp_path):
+    cli = cli_main(["--config", config, "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)],
+                   run=False)
+    assert cli.model.model is not None
+    x = torch.randn(2, cli.datamodule.in_channels, cli.datamodule.image_size, cli.datamodule.image_size)
+    assert cli.model(x).shape == (2, cli.datamodule.num_classes)
+
+
+def test_fit_with_dissection_callback_logs_csv_and_wandb(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    args = ["fit", "--config", QUICK, *TINY, "--trainer.max_epochs", "2",
+            "--trainer.limit_train_batches", "2", "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.callbacks.init_args.max_probe_images", "128",
+            "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.logger.init_args.name", "csv",
+            "--trainer.logger+=lightning.pytorch.loggers.WandbLogger",
+            "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.logger.init_args.project", "t",
+            "--trainer.logger.init_args.offline", "true"]
+    cli = cli_main(args)
+    import wandb
+
+    wandb.finish()
+    rows = list(csv.DictReader(open(next(tmp_path.glob("csv/version_*/metrics.csv")))))
+    keys = set().union(*[{k for k, v in r.items() if v} for r in rows])
+    for layer in ("layer3", "fc"):
+        assert {f"dissect/{layer}/unique_labels", f"dissect/{layer}/mean_score",
+                f"dissect/{layer}/active_fraction", f"dissect/{layer}/label_drift"} <= keys
+    # the label table as CSV in the run folder, every epoch
+    tables = sorted(tmp_path.glob("**/dissection/epoch_*/fc.csv"))
+    assert len(tables) == 2
+    header = next(csv.reader(open(tables[0])))
+    assert header[:4] == ["layer", "unit", "label", "score"]
+    # wandb offline: the run file holds the same metric keys, and the label tables were logged as media
+    runs = list(tmp_path.glob("**/wandb/offline-run-*/run-*.wandb"))
+    assert runs, "no offline wandb run"
+    blob = runs[0].read_bytes()
+    for key in ("dissect/fc/unique_labels", "dissect/layer3/label_drift", "dissect/layer3/active_fraction"):
+        assert key.encode() in blob
+    tables = list(runs[0].parent.glob("files/media/table/dissect/fc/labels_*.table.json"))
+    assert len(tables) == 2
+    table = json.loads(tables[0].read_text())
+    assert table["columns"][:3] == ["layer", "unit", "label"] and len(table["data"]) == 6
+    # callback state (previous labels, for drift) goes into the checkpoint
+    ckpt = torch.load(next(tmp_path.glob("**/checkpoints/last.ckpt")), weights_only=False)
+    state = next(v for k, v in ckpt["callbacks"].items() if "NeuronDissection" in k)
+    assert len(state["previous_labels"]["fc"]) == 6
+
+
+def test_ddp_two_processes_through_train_py(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, str(ROOT / "train.py"), "fit", "--config", QUICK, *TINY,
+           "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+           "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1",
+           "--trainer.callbacks.init_args.max_probe_images", "64", *_logger_args(tmp_path, "ddp")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader(open(next(tmp_path.glob("ddp/version_*/metrics.csv")))))
+    assert any(r.get("val/acc") for r in rows)
+    assert any(r.get("dissect/fc/unique_labels") for r in rows)
