@@ -323,8 +323,10 @@ def test_ground_truth_reorders_and_rejects_unknown():
     probe = ProbeSet(ds, transform=lambda x: x, name="annotated")
     gt = GroundTruthScorer.from_dataset(ds)
     P = gt.similarity(probe, ["square", "red", "blue sky"])
-    torch.testing.assert_close(P, ds.presence[:, [2, 0, 3]])
-    assert set(P.unique().tolist()) <= {0.0, 1.0}
+    torch.testing.assert_close(P, 0.3 * ds.presence[:, [2, 0, 3]])  # default scale: CLIP-like gaps
+    assert torch.allclose(P.unique(), torch.tensor([0.0, 0.3]))
+    raw = GroundTruthScorer.from_dataset(ds, scale=1.0).similarity(probe, ["square", "red", "blue sky"])
+    torch.testing.assert_close(raw, ds.presence[:, [2, 0, 3]])
     with pytest.raises(KeyError, match="triangle"):
         gt.similarity(probe, ["red", "triangle"])
 

@@ -324,19 +324,26 @@ class CLIPScorer(Scorer):
 
 
 class GroundTruthScorer(Scorer):
-    """P from a dataset's own concept annotations (binary presence, 1 = concept present in the image).
+    """P from a dataset's own concept annotations: ``scale`` where the concept is present, 0 elsewhere.
 
-    P is 0/1, not a soft similarity: under soft-WPMI's ``p(t|x) = softmax(a * P[x])`` with a=10 an image's
-    probability mass is spread evenly over the concepts it contains, i.e. it behaves like a hard membership.
-    This gives an upper bound for what a perfect image-text model would yield on the same probe set.
+    Why the scale: soft-WPMI's defaults (a=10) are calibrated for CLIP cosine similarities, whose gaps
+    between a present and an absent concept are ~0.1-0.3. A 0/1 matrix makes ``softmax(10 * P)`` near-hard,
+    log p(t|k) differs by tens of nats between neurons, and with lambda=1 every concept's best neuron scores
+    exactly log K: labels become ties broken by noise (measured: 5/6 instead of 6/6 on the quickstart fc).
+    ``scale=0.3`` puts ground truth on CLIP's scale (a * P gap = 3); ``scale=1`` gives the raw 0/1 matrix.
 
     Args:
         presence: [N images, M concepts] tensor, nonzero where the concept is present.
         concept_names: the M column names.
         dataset: optional; the dataset the rows belong to, checked against the probe set's dataset.
+        scale: the value of a present concept.
     """
 
-    def __init__(self, presence: Tensor, concept_names: Sequence[str], dataset: Optional[object] = None):
+    def __init__(self, presence: Tensor, concept_names: Sequence[str], dataset: Optional[object] = None,
+                 scale: float = 0.3):
+        if scale <= 0:
+            raise ValueError(f"GroundTruthScorer scale must be > 0, got {scale}")
+        self.scale = float(scale)
         presence = torch.as_tensor(presence)
         if presence.ndim != 2 or presence.shape[1] != len(concept_names):
             raise ValueError(f"presence must be [N images, {len(concept_names)} concepts]; got {tuple(presence.shape)}")
@@ -351,15 +358,15 @@ class GroundTruthScorer(Scorer):
             self._index[norm] = j
 
     @classmethod
-    def from_dataset(cls, dataset: object) -> "GroundTruthScorer":
+    def from_dataset(cls, dataset: object, scale: float = 0.3) -> "GroundTruthScorer":
         """From a dataset with ``presence_matrix() -> Tensor[N, M]`` and ``concept_names`` (e.g. the shapes data)."""
         if not hasattr(dataset, "presence_matrix") or not hasattr(dataset, "concept_names"):
             raise TypeError(f"{type(dataset).__name__} has no concept annotations: GroundTruthScorer.from_dataset "
                             "needs presence_matrix() and concept_names (e.g. ShapesConceptDataset)")
-        return cls(dataset.presence_matrix(), list(dataset.concept_names), dataset=dataset)
+        return cls(dataset.presence_matrix(), list(dataset.concept_names), dataset=dataset, scale=scale)
 
     def similarity(self, probe: ProbeSet, concepts: Sequence[str]) -> Tensor:
-        """The presence matrix with columns in the order of ``concepts``."""
+        """``scale`` x the presence matrix, with columns in the order of ``concepts``."""
         n = self.presence.shape[0]
         if self.dataset is not None and probe.dataset is not self.dataset and len(probe.dataset) != n:
             raise ValueError(
@@ -375,7 +382,7 @@ class GroundTruthScorer(Scorer):
                            f"annotated: {', '.join(self.concept_names[:30])}"
                            f"{' ...' if len(self.concept_names) > 30 else ''}")
         cols = torch.tensor([self._index[_norm(c)] for c in concepts], dtype=torch.long)
-        return self.presence.index_select(1, cols)
+        return (self.presence != 0).float().index_select(1, cols) * self.scale
 
 
 def _norm(name: str) -> str:

@@ -198,6 +198,11 @@ class LWTA(nn.Module):
         eval_mode: str = "argmax",
     ):
         super().__init__()
+        try:  # values from a dict-typed config (model_kwargs) can arrive as strings: "2" -> 2
+            competitors, temperature = int(competitors), float(temperature)
+        except (TypeError, ValueError):
+            raise ValueError(f"LWTA competitors must be an integer and temperature a number, got "
+                             f"competitors={competitors!r}, temperature={temperature!r}") from None
         if competitors < 1:
             raise ValueError(f"LWTA competitors must be >= 1, got {competitors}")
         if temperature <= 0:

@@ -12,7 +12,7 @@ from lwta_vision.models.registry import register_model
 
 class ConvNet(nn.Module):
     """conv-bn-act stages (``layer1``..``layerN``, each ``conv``, ``bn``, ``act``, then 2x2 max-pool except the
-    last), global average pool, ``fc``. Small enough to train in minutes on two CPU cores."""
+    last), global average (or max) pool, ``fc``. Small enough to train in minutes on two CPU cores."""
 
     def __init__(
         self,
@@ -21,8 +21,11 @@ class ConvNet(nn.Module):
         widths: Sequence[int] = (32, 64, 128),
         act: str = "relu",
         act_kwargs: Optional[dict] = None,
+        global_pool: str = "avg",
     ):
         super().__init__()
+        if global_pool not in ("avg", "max"):
+            raise ValueError(f"global_pool must be 'avg' or 'max', got {global_pool!r}")
         act_kwargs = dict(act_kwargs or {})
         prev = in_channels
         self.num_layers = len(widths)
@@ -35,7 +38,8 @@ class ConvNet(nn.Module):
                 stage.add_module("pool", nn.MaxPool2d(2))
             setattr(self, f"layer{i + 1}", stage)
             prev = w
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        # max: "is this pattern anywhere", which suits detection-style tasks such as the generated shapes
+        self.pool = nn.AdaptiveAvgPool2d(1) if global_pool == "avg" else nn.AdaptiveMaxPool2d(1)
         self.fc = nn.Linear(prev, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -1,0 +1,209 @@
+"""Dissection engine: recording, labeling, reports, and dissect.py end to end on tiny runs."""
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from lwta_vision.cli import cli_main
+from lwta_vision.dissect.engine import label_layer
+from lwta_vision.dissect.recording import (LayerNotFoundError, merge_records, pool_output, record_activations,
+                                           resolve_layers)
+from lwta_vision.dissect_cli import main as dissect_main
+from lwta_vision.layers import LWTA
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = LWTA(4, dim=1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.act(self.conv(x)).mean((2, 3)))
+
+
+def _loader(n=40, bs=7):
+    x = torch.randn(n, 3, 8, 8)
+    ds = torch.utils.data.TensorDataset(x, torch.arange(n))
+    return torch.utils.data.DataLoader(ds, batch_size=bs), x
+
+
+def test_record_running_topk_matches_full_matrix_and_hooks_removed():
+    model = Tiny().train()
+    loader, x = _loader()
+    rec = record_activations(model, ["act", "fc"], loader, top_k=5)
+    assert model.training and all(m.training for m in model.modules())  # mode restored
+    assert all(not m._forward_hooks for m in model.modules())
+    with torch.no_grad():
+        model.eval()
+        full = model.act(model.conv(x)).mean((2, 3))
+    assert torch.allclose(rec["act"].pooled, full, atol=1e-6)
+    v, i = full.topk(5, dim=0)
+    assert torch.allclose(rec["act"].top_values, v) and torch.equal(rec["act"].top_indices, i)
+    # LWTA: each position has one winner per block of 4, so win rates of a block sum to 1
+    assert torch.allclose(rec["act"].win_rate.reshape(2, 4).sum(1), torch.ones(2), atol=1e-6)
+    assert rec["fc"].spatial is False and rec["act"].spatial is True
+
+
+def test_sharded_recording_merges_to_the_single_process_result():
+    model = Tiny()
+    loader, x = _loader(30, 4)
+    whole = record_activations(model, ["act"], loader, top_k=6)["act"]
+    shards = []
+    for r in range(2):
+        idx = list(range(r, 30, 2))
+        sub = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[idx], torch.tensor(idx)), batch_size=4)
+        rec = record_activations(model, ["act"], sub, top_k=6)["act"]
+        shards.append((rec.pooled, rec.image_ids, rec.win_rate, rec.input_rate, len(idx)))
+    merged = merge_records("act", shards, 6, True)
+    assert torch.allclose(merged.pooled, whole.pooled, atol=1e-6)
+    assert torch.equal(merged.top_indices, whole.top_indices)
+    assert torch.allclose(merged.win_rate, whole.win_rate, atol=1e-6)
+
+
+def test_unknown_layer_lists_close_names():
+    with pytest.raises(LayerNotFoundError, match=r"'acts' not found.*closest: act"):
+        resolve_layers(Tiny(), ["acts"])
+
+
+def test_pooling_modes():
+    x = torch.arange(24.0).reshape(1, 2, 3, 4)
+    assert torch.equal(pool_output(x, "max"), torch.tensor([[11.0, 23.0]]))
+    t = torch.arange(12.0).reshape(1, 3, 4)
+    assert torch.equal(pool_output(t, token_pooling="cls"), t[:, 0])
+    assert torch.equal(pool_output(t, token_pooling="mean"), t.mean(1))
+    with pytest.raises(ValueError, match="pooling"):
+        pool_output(x, "median")
+
+
+def test_label_layer_finds_the_planted_concept_and_skips_inactive_units():
+    torch.manual_seed(0)
+    n, k, m = 300, 4, 6
+    acts = torch.rand(n, k)
+    acts[:, 3] = 0  # a unit that never wins
+    presence = (torch.rand(n, m) < 0.3).float()
+    for unit, concept in ((0, 2), (1, 5), (2, 0)):
+        top = acts[:, unit].topk(40).indices
+        presence[:, concept] = 0
+        presence[top, concept] = 1
+    from lwta_vision.dissect.recording import LayerRecord
+
+    rec = LayerRecord("l", acts, *acts.topk(50, dim=0), win_rate=(acts != 0).float().mean(0),
+                      input_rate=(acts != 0).float().mean(0), spatial=False)
+    names = [f"c{j}" for j in range(m)]
+    res = label_layer(rec, presence, names, similarity_kwargs={"top_k": 40})
+    assert res.labels == ["c2", "c5", "c0", None]
+    assert res.rows[3].active is False
+    assert res.summary["active_units"] == 3
+
+
+# --------------------------------------------------------------------------------------- dissect.py
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A tiny quickstart run (1 epoch on 256 images) with its checkpoint and saved config.yaml."""
+    tmp = tmp_path_factory.mktemp("run")
+    cli_main(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"),
+              "--data.init_args.num_train", "256", "--data.init_args.num_val", "96",
+              "--data.init_args.batch_size", "32", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
+              "--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]",
+              "--trainer.logger.init_args.save_dir", str(tmp), "--trainer.default_root_dir", str(tmp)])
+    return next(tmp.glob("**/checkpoints/last.ckpt"))
+
+
+def test_describe_writes_tables_and_html(trained_run, tmp_path):
+    out = tmp_path / "out"
+    dissect_main(["describe", "--checkpoint", str(trained_run), "--layers", "[layer2, layer3, fc]",
+                  "--max_images", "64", "--output_dir", str(out), "--device", "cpu"])
+    rows = list(csv.DictReader(open(out / "layer3.csv")))
+    assert len(rows) == 128 and set(rows[0]) >= {"label", "score", "label_2", "label_3", "win_rate", "top_images"}
+    data = json.loads((out / "fc.json").read_text())
+    assert len(data["units"]) == 6 and data["summary"]["units"] == 6
+    html = (out / "index.html").read_text()
+    assert "layer3" in html and "images/layer3/" in html
+    assert (out / "images" / "layer3").is_dir()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["meta"]["scorer"] == "GroundTruthScorer"
+    assert not list(out.glob("**/*.tmp"))
+
+
+def test_describe_with_tiny_clip_checkpoint(trained_run, tmp_path):
+    import open_clip
+    from tiny_clip import register_tiny_clip
+
+    name = register_tiny_clip()
+    clip = open_clip.create_model(name, pretrained=None)
+    weights = tmp_path / "tiny_clip.pt"
+    torch.save(clip.state_dict(), weights)
+    concepts = tmp_path / "concepts.txt"
+    concepts.write_text("red\nblue\ncircle\nsquare\nstripes\n")
+    out = tmp_path / "clip"
+    dissect_main(["describe", "--checkpoint", str(trained_run), "--layers", "[fc]", "--max_images", "32",
+                  "--scorer", "clip", "--clip_model", name, "--clip_pretrained", "null", "--clip_checkpoint",
+                  str(weights), "--concepts", str(concepts), "--cache_dir", str(tmp_path / "cache"),
+                  "--output_dir", str(out), "--device", "cpu", "--html", "false"])
+    labels = {r["label"] for r in csv.DictReader(open(out / "fc.csv"))}
+    assert labels <= {"red", "blue", "circle", "square", "stripes"}
+    assert list((tmp_path / "cache").iterdir())  # embeddings cached
+
+
+def test_evaluate_and_explain(trained_run, tmp_path, capsys):
+    metrics = dissect_main(["evaluate", "--checkpoint", str(trained_run), "--max_images", "96", "--device", "cpu",
+                            "--output", str(tmp_path / "m.json")])
+    assert set(metrics) >= {"top1", "top5", "cos"} and 0 <= metrics["top1"] <= 1
+    assert json.loads((tmp_path / "m.json").read_text())["layer"] == "fc"
+    out = tmp_path / "labels"
+    dissect_main(["describe", "--checkpoint", str(trained_run), "--layers", "[layer3, fc]", "--max_images", "64",
+                  "--output_dir", str(out), "--device", "cpu", "--html", "false"])
+    img = tmp_path / "x.png"
+    from lwta_vision.data import ShapesConceptDataset
+
+    Image.fromarray(ShapesConceptDataset(4, 32, seed=3).image(0)).save(img)
+    res = dissect_main(["explain", str(img), "--checkpoint", str(trained_run), "--labels_dir", str(out),
+                        "--device", "cpu"])
+    assert res["prediction"] in ["circle", "square", "triangle", "star", "cross", "ring"]
+    assert res["layers"]["layer3"] and res["contributions"][0]["layer"] == "layer3"
+    assert "why" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", ["unknown_layer", "empty_concepts", "empty_folder", "other_arch", "not_ckpt"])
+def test_dissect_bad_inputs_give_one_clear_error(case, trained_run, tmp_path, capsys):
+    args = ["describe", "--checkpoint", str(trained_run), "--layers", "[layer3]", "--output_dir",
+            str(tmp_path / "o"), "--device", "cpu", "--max_images", "16"]
+    expect = {
+        "unknown_layer": "layer 'layer9' not found",
+        "empty_concepts": "empty",
+        "empty_folder": "contains no images",
+        "other_arch": "does not match architecture",
+        "not_ckpt": "not a readable PyTorch checkpoint",
+    }[case]
+    if case == "unknown_layer":
+        args[4] = "[layer9]"
+    elif case == "empty_concepts":
+        (tmp_path / "c.txt").write_text("\n\n")
+        args += ["--concepts", str(tmp_path / "c.txt")]
+    elif case == "empty_folder":
+        (tmp_path / "imgs").mkdir()
+        (tmp_path / "imgs" / "notes.txt").write_text("x")
+        args += ["--image_folder", str(tmp_path / "imgs")]
+    elif case == "other_arch":
+        ckpt = torch.load(trained_run, weights_only=False)
+        ckpt["hyper_parameters"]["model_kwargs"]["widths"] = [16, 32, 64]
+        torch.save(ckpt, tmp_path / "other.ckpt")
+        args[2] = str(tmp_path / "other.ckpt")
+    elif case == "not_ckpt":
+        (tmp_path / "bad.ckpt").write_bytes(b"definitely not a checkpoint")
+        args[2] = str(tmp_path / "bad.ckpt")
+    with pytest.raises(SystemExit) as exc:
+        dissect_main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert expect in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()  # no partial output
