@@ -4,6 +4,7 @@ Subcommands (flags or ``--config file.yaml``; ``python dissect.py <cmd> --help``
   describe  record layers on a probe set, score concepts, write CSV/JSON/HTML to ``--output_dir``
   explain   for one image: units that won in each layer, their labels, contributions to the prediction
   evaluate  final-layer label quality where unit i is class i (top-1/top-5, sentence-embedding cosine)
+  iou       Network Dissection: IoU of thresholded maps with concept masks (generated data or Broden)
 """
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ def _instantiate(spec: dict):
     return getattr(importlib.import_module(module), name)(**(spec.get("init_args") or {}))
 
 
-def _load(checkpoint, torchvision_model, torchvision_weights, data, image_folder, split, max_images):
+def _load(checkpoint, torchvision_model, torchvision_weights, data, image_folder, split, max_images,
+          allow_no_probe=False):
     """Network, probe set and class names from the arguments shared by every subcommand."""
     if (checkpoint is None) == (torchvision_model is None):
         raise ValueError("pass exactly one of --checkpoint (a train.py .ckpt) or --torchvision_model (e.g. resnet18)")
@@ -77,6 +79,8 @@ def _load(checkpoint, torchvision_model, torchvision_weights, data, image_folder
                          grayscale)
     elif dm is not None:
         probe = dm.probe_set(split)
+    elif allow_no_probe:
+        return net, (ProbeSet([], transform, "none") if transform is not None else None), list(class_names)
     else:
         raise ValueError("no probe set: pass --image_folder DIR or --data (a datamodule class_path)")
     if max_images is not None and max_images < len(probe):
@@ -123,7 +127,7 @@ def _scorer(scorer, probe, clip_model, clip_pretrained, clip_checkpoint, device,
 
 
 def describe(
-    layers: list[str],
+    layers: Optional[list[str]] = None,
     checkpoint: Optional[str] = None,
     torchvision_model: Optional[str] = None,
     torchvision_weights: Optional[str] = "DEFAULT",
@@ -169,6 +173,7 @@ def describe(
         output_dir: everything is written here.
     """
     dev = _device(device)
+    _require_layers(layers)
     net, probe, class_names = _load(checkpoint, torchvision_model, torchvision_weights, data, image_folder, split,
                                     max_images)
     net = net.to(dev)
@@ -256,7 +261,7 @@ def evaluate(
 
 def explain(
     image: str,
-    labels_dir: str,
+    labels_dir: str = "outputs/dissect",
     checkpoint: Optional[str] = None,
     torchvision_model: Optional[str] = None,
     torchvision_weights: Optional[str] = "DEFAULT",
@@ -334,6 +339,99 @@ def explain(
     return result
 
 
+def iou(
+    layers: Optional[list[str]] = None,
+    checkpoint: Optional[str] = None,
+    torchvision_model: Optional[str] = None,
+    torchvision_weights: Optional[str] = "DEFAULT",
+    data: Optional[VisionDataModule] = None,
+    split: str = "val",
+    broden: Optional[str] = None,
+    broden_categories: Optional[list[str]] = None,
+    max_images: Optional[int] = None,
+    quantile: float = 0.005,
+    iou_threshold: float = 0.04,
+    compare_text: bool = True,
+    output_dir: str = "outputs/iou",
+    images_per_unit: int = 5,
+    html: bool = True,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str = "auto",
+) -> dict:
+    """Network Dissection: label conv units by IoU of their top-quantile maps with concept masks.
+
+    The probe set must carry masks: the generated shapes data (the run's datamodule) or a Broden folder
+    (``--broden /data/broden1_224``). With ``compare_text`` (default) the same units are also labelled by
+    soft-WPMI with the ground-truth scorer, shown side by side, and their agreement among detectors is
+    reported.
+
+    Args:
+        layers: conv layers (spatial outputs), e.g. ``[layer2, layer3]``.
+        broden: a Broden folder (index.csv, label.csv, images/) used as the probe set.
+        broden_categories: restrict Broden to these categories (color, object, part, material, scene, texture).
+        quantile: top quantile of each unit's activations that defines its map (0.005 in NetDissect).
+        iou_threshold: a unit is a detector above this IoU (0.04 in NetDissect).
+    """
+    from lwta_vision.dissect.iou import iou_dissect, label_agreement
+    from lwta_vision.dissect.recording import spatial_maps
+    from lwta_vision.dissect.report import write_html, write_tables
+
+    dev = _device(device)
+    _require_layers(layers)
+    if broden:
+        from lwta_vision.dissect.broden import BrodenDataset
+
+        net, probe, _ = _load(checkpoint, torchvision_model, torchvision_weights, data, None, split, None,
+                              allow_no_probe=True)
+        ds = BrodenDataset(broden, categories=broden_categories, max_images=max_images)
+        probe = ProbeSet(ds, probe.transform if probe is not None else _default_transform(net), 
+                         f"broden:{os.path.abspath(broden)}")
+    else:
+        net, probe, _ = _load(checkpoint, torchvision_model, torchvision_weights, data, None, split, max_images)
+    net = net.to(dev)
+    resolve_layers(net, layers)
+    results, agreement, extra = {}, {}, {}
+    text = {}
+    if compare_text and hasattr(probe.dataset, "presence_matrix"):
+        gt = GroundTruthScorer.from_dataset(probe.dataset)
+        concepts = list(gt.concept_names)
+        records = record_probe(net, layers, probe, 100, batch_size=batch_size, device=dev, progress=True)
+        text = label_records(records, gt.similarity(probe, concepts), concepts)
+    for layer in layers:
+        labels, _ = iou_dissect(net, layer, probe, quantile=quantile, iou_threshold=iou_threshold,
+                                batch_size=batch_size, device=dev, progress=True, num_workers=num_workers)
+        results[layer] = labels
+        if layer in text:
+            agreement[layer] = label_agreement(text[layer], labels)
+            labels.summary["text_agreement"] = agreement[layer]["agreement"]
+            extra[layer] = {r.unit: f"text label: {r.label}" for r in text[layer].rows}
+        s = labels.summary
+        print(f"{layer}: {s['detectors']}/{s['units']} detectors, {s['unique_concepts']} unique concepts, "
+              f"mean IoU {s['mean_iou']:.3f}, per category {s['per_category']}"
+              + (f", text/IoU agreement {agreement[layer]['agreement']:.2f}" if layer in agreement else ""))
+    out = Path(output_dir)
+    meta = {"method": "iou", "checkpoint": checkpoint, "probe": probe.name, "quantile": quantile,
+            "iou_threshold": iou_threshold}
+    write_tables(out, results, meta)
+    if html:
+        ds = probe.network_dataset()
+        maps = {l: (lambda idx, l=l: spatial_maps(net, l, ds, idx, dev)) for l in layers}
+        write_html(out, results, probe.raw, maps, images_per_unit=images_per_unit,
+                   title=f"Network Dissection on {probe.name}", extra_columns=extra)
+    print(f"wrote {output_dir}/")
+    return {l: r.summary for l, r in results.items()}
+
+
+def _default_transform(net):
+    return T.Compose([T.Resize(224), T.CenterCrop(224), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def _require_layers(layers) -> None:
+    if not layers:
+        raise ValueError("pass the layers to dissect, e.g. --layers '[layer3, fc]' (module paths of the network)")
+
+
 def _last_linear(net: nn.Module) -> str:
     names = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
     if not names:
@@ -346,7 +444,7 @@ def main(args: Optional[list[str]] = None):
 
     debug = os.environ.get("LWTA_DEBUG")
     try:
-        return CLI([describe, explain, evaluate], args=args, parser_mode="omegaconf",
+        return CLI([describe, explain, evaluate, iou], args=args, parser_mode="omegaconf",
                    description=__doc__)
     except (ValueError, FileNotFoundError, CheckpointError, RuntimeError, KeyError) as err:
         if debug:

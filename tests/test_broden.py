@@ -136,4 +136,4 @@ def test_iou_dissect_with_an_oracle_model(broden):
     assert labels.summary["per_category"] == dict.fromkeys(["color", "object", "material", "part", "scene",
                                                             "texture"], 1)
     labels, iou = iou_dissect(model, "0", MapsProbe(ds, half), ds, quantile=0.5)  # upsampled 4x4 -> 8x8
-    assert labels.labels == ds.concept_names and (iou.diagonal() > 0.3).all()
+    assert labels.labels == ds.concept_names and (iou.diagonal() > 0.2).all()  # wheel: 1-7 px, blurred most

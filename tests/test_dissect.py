@@ -207,3 +207,29 @@ def test_dissect_bad_inputs_give_one_clear_error(case, trained_run, tmp_path, ca
     err = capsys.readouterr().err
     assert expect in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()  # no partial output
+
+
+def test_iou_subcommand_writes_side_by_side_report(trained_run, tmp_path, capsys):
+    out = tmp_path / "iou"
+    summaries = dissect_main(["iou", "--checkpoint", str(trained_run), "--layers", "[layer2, layer3]",
+                              "--max_images", "48", "--quantile", "0.05", "--output_dir", str(out), "--device", "cpu"])
+    s = summaries["layer3"]
+    assert s["units"] == 128 and 0 <= s["detectors"] <= 128
+    assert set(s["per_category"]) == {"shape", "colour", "texture"}
+    assert "text_agreement" in s
+    rows = list(csv.DictReader(open(out / "layer3.csv")))
+    assert len(rows) == 128
+    assert "text label:" in (out / "index.html").read_text()
+    assert "detectors" in capsys.readouterr().out
+
+
+def test_callback_iou_layers_logs_detectors(tmp_path):
+    args = ["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--data.init_args.num_train", "128",
+            "--data.init_args.num_val", "64", "--data.init_args.batch_size", "32", "--trainer.max_epochs", "1",
+            "--trainer.limit_train_batches", "2", "--trainer.enable_progress_bar", "false",
+            "--trainer.callbacks.init_args.iou_layers", "[layer3]",
+            "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.default_root_dir", str(tmp_path)]
+    cli_main(args)
+    rows = list(csv.DictReader(open(next(tmp_path.glob("**/metrics.csv")))))
+    assert any(r.get("dissect/layer3/detectors") for r in rows)
+    assert any(r.get("dissect/layer3/unique_concepts") for r in rows)

@@ -100,8 +100,8 @@ def test_straight_through_gradient_matches_autograd_reference():
     # reference: the textbook expression, same noise
     gen = torch.Generator().manual_seed(9)
     b, ax = _blocks(x, 4, 1)
-    e = torch.empty_like(b).exponential_(generator=gen)
-    z = (b - e.log()) / 0.7
+    u = torch.rand(b.shape, dtype=torch.float32, generator=gen).double()
+    z = (b - (-u.log()).log()) / 0.7
     soft = torch.softmax(z, ax)
     hard = torch.zeros_like(z).scatter_(ax, z.argmax(ax, keepdim=True), 1.0)
     ((b * (hard - soft.detach() + soft)).reshape_as(x) * w).sum().backward()

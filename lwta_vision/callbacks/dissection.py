@@ -48,6 +48,10 @@ class NeuronDissection(Callback):
         pooling, token_pooling: per-neuron summary of conv maps / token outputs.
         batch_size: probe batch size.
         table_images: top images per unit in the wandb table.
+        iou_layers: conv layers to also dissect by IoU against concept masks (Network Dissection; the probe
+            data must carry masks, e.g. the generated data). Logs ``dissect/<layer>/detectors``,
+            ``.../unique_concepts``, ``.../mean_iou``. Every rank computes it on the full probe set.
+        iou_quantile, iou_threshold: NetDissect's top quantile (0.005) and detector threshold (0.04).
     """
 
     def __init__(
@@ -65,6 +69,9 @@ class NeuronDissection(Callback):
         token_pooling: str = "cls",
         batch_size: int = 128,
         table_images: int = 3,
+        iou_layers: Optional[list[str]] = None,
+        iou_quantile: float = 0.005,
+        iou_threshold: float = 0.04,
     ):
         if every_n_epochs < 1:
             raise ValueError(f"NeuronDissection every_n_epochs must be >= 1, got {every_n_epochs}")
@@ -74,6 +81,8 @@ class NeuronDissection(Callback):
         self.similarity, self.similarity_kwargs = similarity, dict(similarity_kwargs or {})
         self.pooling, self.token_pooling, self.batch_size = pooling, token_pooling, batch_size
         self.table_images = table_images
+        self.iou_layers = list(iou_layers or [])
+        self.iou_quantile, self.iou_threshold = iou_quantile, iou_threshold
         self.previous_labels: dict[str, list[Optional[str]]] = {}
         self.history: list[dict[str, Any]] = []
         self._image_concept: Optional[torch.Tensor] = None
@@ -82,7 +91,7 @@ class NeuronDissection(Callback):
 
     # -- setup -------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        resolve_layers(_network(pl_module), self.layers)  # a wrong layer fails before training starts
+        resolve_layers(_network(pl_module), self.layers + self.iou_layers)  # fail before training starts
         if self.probe is None:
             dm = trainer.datamodule
             if dm is None or not hasattr(dm, "probe_set"):
@@ -141,6 +150,19 @@ class NeuronDissection(Callback):
             for k, v in metrics.items():
                 pl_module.log(f"dissect/{layer}/{k}", v, on_epoch=True, sync_dist=False, rank_zero_only=True)
             entry[layer] = metrics
+        for layer in self.iou_layers:
+            from lwta_vision.dissect.iou import iou_dissect
+
+            iou_labels, _ = iou_dissect(net, layer, self.probe, quantile=self.iou_quantile,
+                                        iou_threshold=self.iou_threshold, batch_size=self.batch_size,
+                                        device=pl_module.device)
+            s = iou_labels.summary
+            metrics = {"detectors": float(s["detectors"]), "unique_concepts": float(s["unique_concepts"]),
+                       "mean_iou": float(s["mean_iou"]) if s["detectors"] else 0.0}
+            for k, v in metrics.items():
+                pl_module.log(f"dissect/{layer}/{k}", v, on_epoch=True, sync_dist=False, rank_zero_only=True)
+            entry.setdefault(layer, {}).update(metrics)
+            results[f"{layer}.iou"] = iou_labels
         self.history.append(entry)
         self._dissections += 1
         # trainer.log_dir is a collective under DDP (a broadcast): every rank must ask, not only rank 0

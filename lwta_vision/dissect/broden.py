@@ -46,14 +46,15 @@ class _Image:
     labels: list[int]  # image-level label numbers of the selected categories
 
 
-def _read_csv(path: Path, required: Sequence[str]) -> list[tuple[int, dict]]:
+def _read_csv(path: Path, required: Sequence[str]) -> tuple[list[str], list[tuple[int, dict]]]:
+    """(header, [(line number, row dict)]), after checking the required columns."""
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        fields = reader.fieldnames or []
+        fields = list(reader.fieldnames or [])
         missing = [c for c in required if c not in fields]
         if missing:
             raise ValueError(f"{path} lacks the column(s) {', '.join(missing)} (header: {','.join(fields)}); {LAYOUT}")
-        return [(reader.line_num, row) for row in reader]
+        return fields, [(reader.line_num, row) for row in reader]
 
 
 def _int(value, path: Path, line: int, column: str) -> int:
@@ -107,15 +108,16 @@ class BrodenDataset(Dataset):
         self.root = root
         index_path, label_path = root / "index.csv", root / "label.csv"
 
-        rows = _read_csv(index_path, INDEX_FIELDS)
-        with open(index_path, newline="", encoding="utf-8") as f:
-            header = next(csv.reader(f))
+        header, rows = _read_csv(index_path, INDEX_FIELDS)
         all_categories = [c for c in header if c not in INDEX_FIELDS]
         if categories is None:
             categories = all_categories
+        elif isinstance(categories, str):
+            categories = [categories]
         unknown = [c for c in categories if c not in all_categories]
         if unknown:
-            raise ValueError(f"unknown Broden categor{'ies' if len(unknown) > 1 else 'y'} {', '.join(map(repr, unknown))}; "
+            plural = "ies" if len(unknown) > 1 else "y"
+            raise ValueError(f"unknown Broden categor{plural} {', '.join(map(repr, unknown))}; "
                              f"index.csv has {', '.join(all_categories)}")
         if not categories:
             raise ValueError(f"no categories selected; index.csv has {', '.join(all_categories)}")
@@ -123,7 +125,7 @@ class BrodenDataset(Dataset):
 
         # labels: concept columns in label-number order
         names, cats, numbers = [], [], []
-        for line, row in _read_csv(label_path, LABEL_FIELDS):
+        for line, row in _read_csv(label_path, LABEL_FIELDS)[1]:
             number = _int(row["number"], label_path, line, "number")
             if number == 0:
                 continue

@@ -18,7 +18,7 @@ import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Protocol, Sequence, runtime_checkable
+from typing import Callable, Iterable, Optional, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -192,6 +192,7 @@ class _FirstPass:
 
 def _first_pass(model, layer, loader, quantile, num_positions_total, device, top_images=10,
                 progress=False) -> _FirstPass:
+    top_rank(quantile, 1)  # validate before touching data
     resolve_layers(model, [layer])
     device = device or _model_device(model)
     acc: Optional[TopQuantile] = None
@@ -269,6 +270,7 @@ class _InputsAndMasks(Dataset):
 
     def __getitem__(self, i: int):
         x, idx = self.inputs[i]
+        idx = int(idx)  # the probe index, which the mask source is keyed by
         cidx, m = _present_masks(self.source, idx)
         return x, idx, cidx, m
 

@@ -39,11 +39,14 @@ def _divisors(n: int) -> list[int]:
 
 
 def _gumbel_like(x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
-    # -log(Exp(1)) is Gumbel(0, 1); one log per element instead of two, and never log(0): exponential_
-    # draws are > 0 and finite in every float dtype, so the noise can't produce inf/NaN in bf16/fp16.
-    e = torch.empty_like(x, dtype=torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype)
-    e.exponential_(generator=generator)
-    return (-e.clamp_min(torch.finfo(e.dtype).tiny).log()).to(x.dtype)
+    """Gumbel(0, 1) noise as -log(-log(U)), computed in float32 whatever the dtype of ``x``.
+
+    Uniform draws plus two logs are about twice as fast on a CPU as ``exponential_``. U is clamped to
+    [tiny, 1): -log(U) is then finite and > 0, so the noise is always finite (no inf/NaN in bf16/fp16).
+    """
+    u = torch.rand(x.shape, device=x.device, dtype=torch.float32, generator=generator)
+    g = u.clamp_min_(torch.finfo(torch.float32).tiny).log_().neg_().log_().neg_()
+    return g.to(x.dtype)
 
 
 class _HardST(torch.autograd.Function):
