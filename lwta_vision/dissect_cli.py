@@ -126,6 +126,13 @@ def _scorer(scorer, probe, clip_model, clip_pretrained, clip_checkpoint, device,
     raise ValueError(f"unknown scorer {scorer!r}; choose auto, clip or ground_truth")
 
 
+def _concepts(spec: Optional[str], scorer) -> list[str]:
+    """The concept set asked for, else the scorer's own annotated concepts, else the 20k words."""
+    if spec:
+        return load_concept_set(spec)
+    return list(getattr(scorer, "concept_names", None) or load_concept_set("20k"))
+
+
 def describe(
     layers: Optional[list[str]] = None,
     checkpoint: Optional[str] = None,
@@ -179,8 +186,7 @@ def describe(
     net = net.to(dev)
     resolve_layers(net, layers)
     sc = _scorer(scorer, probe, clip_model, clip_pretrained, clip_checkpoint, dev, cache_dir, batch_size)
-    concept_list = load_concept_set(concepts) if concepts else list(getattr(sc, "concept_names", None)
-                                                                     or load_concept_set("20k"))
+    concept_list = _concepts(concepts, sc)
     top_k = max(int((similarity_kwargs or {}).get("top_k", 100)), images_per_unit)
     records = record_probe(net, layers, probe, top_k, pooling, token_pooling, batch_size, 0, dev, progress=True)
     image_concept = sc.similarity(probe, concept_list)
@@ -234,8 +240,7 @@ def evaluate(
     net = net.to(dev)
     layer = layer or _last_linear(net)
     sc = _scorer(scorer, probe, clip_model, clip_pretrained, clip_checkpoint, dev, cache_dir, batch_size)
-    concept_list = load_concept_set(concepts) if concepts else list(getattr(sc, "concept_names", None)
-                                                                     or load_concept_set("20k"))
+    concept_list = _concepts(concepts, sc)
     top_k = int((similarity_kwargs or {}).get("top_k", 100))
     records = record_probe(net, [layer], probe, top_k, batch_size=batch_size, device=dev, progress=True)
     res = label_records(records, sc.similarity(probe, concept_list), concept_list, similarity, similarity_kwargs)[layer]

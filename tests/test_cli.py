@@ -93,3 +93,14 @@ def test_ddp_two_processes_through_train_py(tmp_path):
     rows = list(csv.DictReader(open(next(tmp_path.glob("ddp/version_*/metrics.csv")))))
     assert any(r.get("val/acc") for r in rows)
     assert any(r.get("dissect/fc/unique_labels") for r in rows)
+
+
+def test_validate_test_predict_from_a_checkpoint(tmp_path):
+    base = ["--config", QUICK, *TINY, *_logger_args(tmp_path), "--trainer.callbacks", "[]"]
+    cli_main(["fit", *base, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"])
+    ckpt = str(next(tmp_path.glob("**/checkpoints/last.ckpt")))
+    for sub in ("validate", "test", "predict"):
+        cli = cli_main([sub, *base, "--ckpt_path", ckpt])
+        assert cli.trainer.state.finished
+    preds = cli.trainer.predict_loop.predictions
+    assert torch.allclose(torch.cat(preds).sum(1), torch.ones(64), atol=1e-5)

@@ -199,6 +199,10 @@ class VisionDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
 
+    def predict_dataloader(self) -> DataLoader:
+        """``train.py predict`` runs on the test split (class probabilities per image)."""
+        return self._loader("test")
+
     # ------------------------------------------------------------------------------------ dissection
     def probe_dataset(self, split: str = "val") -> Dataset:
         """Raw ``(PIL image, label)`` items of a split: no augmentation, no normalisation."""
