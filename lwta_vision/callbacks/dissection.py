@@ -206,6 +206,8 @@ def _network(pl_module: L.LightningModule) -> torch.nn.Module:
 
 
 class _FirstN(torch.utils.data.Dataset):
+    """The first n items of a dataset, forwarding its annotations (concept names, masks, presence rows)."""
+
     def __init__(self, ds, n: int):
         self.dataset, self.n = ds, n
 
@@ -217,13 +219,13 @@ class _FirstN(torch.utils.data.Dataset):
             raise IndexError(i)
         return self.dataset[i]
 
-    def presence_matrix(self):
-        return self.dataset.presence_matrix()[: self.n]
-
     def __getattr__(self, name):
         if name in ("dataset", "n"):
             raise AttributeError(name)
-        return getattr(self.dataset, name)
+        attr = getattr(self.dataset, name)  # AttributeError when the dataset has no such annotation
+        if name == "presence_matrix":
+            return lambda: attr()[: self.n]
+        return attr
 
 
 def _first_n(probe: ProbeSet, n: int) -> ProbeSet:

@@ -109,7 +109,8 @@ def _max_mask(z: Tensor, zmax: Tensor, axis: int) -> Tensor:
     argmax so that there is still exactly one winner (the first).
     """
     mask = z == zmax
-    if bool((mask.sum(axis) > 1).any()):
+    # every block has at least one True; more Trues than blocks means a tie somewhere (one scalar reduction)
+    if int(mask.sum()) > zmax.numel():
         idx = z.argmax(dim=axis, keepdim=True)
         mask = torch.zeros_like(mask).scatter_(axis, idx, True)
     return mask
