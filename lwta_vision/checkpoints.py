@@ -16,18 +16,26 @@ class CheckpointError(ValueError):
     pass
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """``torch.load(weights_only=True)`` with one clear error for a missing, truncated or foreign file."""
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict:
+    """``torch.load(weights_only=True)`` with one clear error for a missing, truncated or foreign file.
+
+    ``mmap=True`` maps the tensors instead of reading them: a cheap way to check a file and its shapes.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} is a folder; pass the .ckpt file inside it, "
+                              f"e.g. {str(path / 'checkpoints' / 'last.ckpt')!r}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist (pass the .ckpt written by train.py, "
                                 f"e.g. runs/<name>/version_0/checkpoints/last.ckpt)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap needs the zip format; anything else (legacy pickles, foreign files) is read plainly
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as err:
+        first = (str(err).splitlines() or [type(err).__name__])[0].split(". ")[0]
         raise CheckpointError(
             f"{str(path)!r} is not a readable PyTorch checkpoint (truncated, corrupt, or not a checkpoint): "
-            f"{str(err).splitlines()[0][:200]}"
+            f"{first[:200]}"
         ) from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{str(path)!r} holds a {type(ckpt).__name__}, not a checkpoint dict")
@@ -87,6 +95,28 @@ def load_network(
     net.load_state_dict(sd)
     net.eval()
     return net, hp
+
+
+def check_resume_checkpoint(path: str | Path, module_state_dict: dict[str, torch.Tensor]) -> None:
+    """Fail before training when ``--ckpt_path`` cannot be restored into the module being trained.
+
+    Reads the file memory-mapped (no tensor data is loaded) and compares its ``state_dict`` keys and shapes
+    with the LightningModule's, so a truncated file, a foreign file or another architecture gives one
+    :class:`CheckpointError` naming the fix instead of a traceback from deep inside Lightning.
+    """
+    ckpt = read_checkpoint(path, mmap=True)
+    sd = ckpt.get("state_dict")
+    if not isinstance(sd, dict):
+        raise CheckpointError(
+            f"{str(path)!r} is not a train.py checkpoint (it has no 'state_dict'; keys: {sorted(ckpt)[:5]}); "
+            f"--ckpt_path needs a .ckpt written by train.py, e.g. runs/<name>/version_0/checkpoints/last.ckpt")
+    missing, unexpected = _compare(module_state_dict, sd)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{str(path)!r} does not match the model being trained: {len(missing)} missing keys (e.g. "
+            f"{missing[:3]}), {len(unexpected)} unexpected or mis-shaped (e.g. {unexpected[:3]}). Resume with the "
+            f"config the checkpoint was trained with, same model and data (its run folder holds config.yaml: "
+            f"--config that file)")
 
 
 def _compare(expected: dict, given: dict) -> tuple[list[str], list[str]]:

@@ -25,9 +25,11 @@ from lwta_vision.dissect.concepts import load_concept_set
 from lwta_vision.dissect.pipeline import label_records, record_probe, write_report
 from lwta_vision.dissect.probe import ImageFolderImages, ProbeSet
 from lwta_vision.dissect.recording import capture, eval_mode, resolve_layers
-from lwta_vision.dissect.scorers import CLIPScorer, GroundTruthScorer
+from lwta_vision.dissect.scorers import CLIPScorer, GroundTruthScorer, WeightsUnavailableError
+from lwta_vision.dissect.similarity import get_similarity
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+SCORERS = ("auto", "clip", "ground_truth")
 
 
 def _device(device: str) -> torch.device:
@@ -121,9 +123,32 @@ def _scorer(scorer, probe, clip_model, clip_pretrained, clip_checkpoint, device,
                              "ConceptDataModule); use --scorer clip for other data")
         return GroundTruthScorer.from_dataset(probe.dataset)
     if scorer == "clip":
-        return CLIPScorer(model_name=clip_model, pretrained=clip_pretrained, checkpoint=clip_checkpoint,
-                          device=str(device), cache_dir=cache_dir, batch_size=batch_size, progress=True)
-    raise ValueError(f"unknown scorer {scorer!r}; choose auto, clip or ground_truth")
+        try:
+            return CLIPScorer(model_name=clip_model, pretrained=clip_pretrained, checkpoint=clip_checkpoint,
+                              device=str(device), cache_dir=cache_dir, batch_size=batch_size, progress=True)
+        except WeightsUnavailableError as err:
+            raise WeightsUnavailableError(
+                f"{err} With dissect.py: download the weights file once on a machine with network access and pass "
+                f"--clip_checkpoint /path/to/file (keep --clip_model {clip_model} --clip_pretrained "
+                f"{clip_pretrained})") from None
+    raise ValueError(f"unknown scorer {scorer!r}; choose one of {', '.join(SCORERS)}")
+
+
+def _check_options(scorer: Optional[str] = None, similarity: Optional[str] = None,
+                   output_dir: Optional[str] = None, output_file: Optional[str] = None) -> None:
+    """Fail on a misspelled name or an unwritable output before loading or recording anything."""
+    from lwta_vision.cli import check_output_dir
+
+    if scorer is not None and scorer not in SCORERS:
+        raise ValueError(f"unknown scorer {scorer!r}; choose one of {', '.join(SCORERS)}")
+    if similarity is not None:
+        get_similarity(similarity)
+    if output_dir is not None:
+        check_output_dir(output_dir, "--output_dir")
+    if output_file is not None:
+        if Path(output_file).is_dir():
+            raise ValueError(f"--output {output_file!r} is a folder; pass a file path such as metrics.json")
+        check_output_dir(Path(output_file).parent, "--output")
 
 
 def _concepts(spec: Optional[str], scorer) -> list[str]:
@@ -181,6 +206,7 @@ def describe(
     """
     dev = _device(device)
     _require_layers(layers)
+    _check_options(scorer, similarity, output_dir)
     net, probe, class_names = _load(checkpoint, torchvision_model, torchvision_weights, data, image_folder, split,
                                     max_images)
     net = net.to(dev)
@@ -235,10 +261,12 @@ def evaluate(
     from lwta_vision.dissect.evaluate import SentenceEmbedder, evaluate_labels
 
     dev = _device(device)
+    _check_options(scorer, similarity, output_file=output)
     net, probe, class_names = _load(checkpoint, torchvision_model, torchvision_weights, data, image_folder, split,
                                     max_images)
     net = net.to(dev)
     layer = layer or _last_linear(net)
+    resolve_layers(net, [layer])
     sc = _scorer(scorer, probe, clip_model, clip_pretrained, clip_checkpoint, dev, cache_dir, batch_size)
     concept_list = _concepts(concepts, sc)
     top_k = int((similarity_kwargs or {}).get("top_k", 100))
@@ -384,6 +412,7 @@ def iou(
 
     dev = _device(device)
     _require_layers(layers)
+    _check_options(output_dir=output_dir)
     if broden:
         from lwta_vision.dissect.broden import BrodenDataset
 
@@ -447,12 +476,14 @@ def _last_linear(net: nn.Module) -> str:
 def main(args: Optional[list[str]] = None):
     from jsonargparse import CLI
 
-    debug = os.environ.get("LWTA_DEBUG")
+    debug = os.environ.get("LWTA_DEBUG", "") not in ("", "0")
     try:
         return CLI([describe, explain, evaluate, iou], args=args, parser_mode="omegaconf",
                    description=__doc__)
     except (ValueError, FileNotFoundError, CheckpointError, RuntimeError, KeyError) as err:
         if debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        from lwta_vision.cli import error_message
+
+        print(f"error: {error_message(err)}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -15,6 +15,7 @@ file. Built-in lists ship as text files inside the package, so no extra dependen
 from __future__ import annotations
 
 import csv
+import difflib
 import os
 import re
 import warnings
@@ -180,6 +181,11 @@ def load_concept_set(spec: Union[str, os.PathLike]) -> list[str]:
     hint = ""
     if path.is_dir() and (path / "label.csv").is_file():
         hint = f" (it looks like a Broden folder: use '{BRODEN_PREFIX}{path}')"
+    elif path.is_dir():
+        hint = " (it is a folder; pass a text file)"
+    else:
+        close = difflib.get_close_matches(str(spec).lower(), BUILTIN_CONCEPT_SETS, n=1, cutoff=0.5)
+        hint = f" (did you mean {close[0]!r}?)" if close else " (no such file)"
     raise ValueError(
         f"unknown concept set {str(spec)!r}{hint}; use a built-in name ({', '.join(BUILTIN_CONCEPT_SETS)}), "
         f"'{BRODEN_PREFIX}<path to a Broden folder>', or a path to a UTF-8 text file with one concept per line"

@@ -108,8 +108,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 class ImageFolderImages(Dataset):
     """Every image file under a folder (recursively, sorted), as ``(PIL image, -1)``.
 
-    Class sub-folders are not required: a probe set is just images. Files with other extensions are
-    skipped; an image that cannot be decoded is a clear error naming the file.
+    Class sub-folders are not required: a probe set is just images. Files with other extensions and hidden
+    files and folders (names starting with ".") are skipped; an image that cannot be decoded is a clear error
+    naming the file.
     """
 
     def __init__(self, root: str):
@@ -118,13 +119,17 @@ class ImageFolderImages(Dataset):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"probe image folder {root!r} does not exist")
         files, skipped = [], 0
-        for dirpath, _dirs, names in os.walk(root):
+        for dirpath, dirs, names in os.walk(root):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]  # .ipynb_checkpoints, .git, ...
             for n in names:
-                (files.append(os.path.join(dirpath, n)) if n.lower().endswith(IMAGE_EXTENSIONS) else None)
-                skipped += not n.lower().endswith(IMAGE_EXTENSIONS)
+                # hidden files are never probe images (macOS writes "._photo.jpg" beside photo.jpg)
+                if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith("."):
+                    files.append(os.path.join(dirpath, n))
+                else:
+                    skipped += 1
         if not files:
             raise ValueError(
-                f"probe folder {root!r} contains no images ({skipped} other files); expected files ending in "
+                f"probe folder {root!r} contains no images ({skipped} other file(s)); expected files ending in "
                 f"{', '.join(IMAGE_EXTENSIONS)}"
             )
         self.root, self.files, self.skipped = root, sorted(files), skipped
