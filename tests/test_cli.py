@@ -52,7 +52,7 @@ def test_fit_with_dissection_callback_logs_csv_and_wandb(tmp_path, monkeypatch):
             "--trainer.logger+=lightning.pytorch.loggers.WandbLogger",
             "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.logger.init_args.project", "t",
             "--trainer.logger.init_args.offline", "true"]
-    cli = cli_main(args)
+    cli_main(args)
     import wandb
 
     wandb.finish()

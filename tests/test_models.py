@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lwta_vision.layers import LWTA, lwta_modules
+from lwta_vision.layers import lwta_modules
 from lwta_vision.models import create_model, list_models
 
 

@@ -1,7 +1,6 @@
 """Label neurons in words at the end of validation epochs and log how the labels evolve."""
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,9 +17,6 @@ from lwta_vision.dissect.probe import ProbeSet
 from lwta_vision.dissect.recording import merge_records, record_activations, resolve_layers
 from lwta_vision.dissect.report import write_tables
 from lwta_vision.dissect.scorers import GroundTruthScorer, Scorer
-
-log = logging.getLogger(__name__)
-
 
 class NeuronDissection(Callback):
     """CLIP-Dissect-style labeling of chosen layers during training.
@@ -87,7 +83,6 @@ class NeuronDissection(Callback):
         self.history: list[dict[str, Any]] = []
         self._image_concept: Optional[torch.Tensor] = None
         self._concepts: Optional[list[str]] = None
-        self._dissections = 0
 
     # -- setup -------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -164,7 +159,6 @@ class NeuronDissection(Callback):
             entry.setdefault(layer, {}).update(metrics)
             results[f"{layer}.iou"] = iou_labels
         self.history.append(entry)
-        self._dissections += 1
         # trainer.log_dir is a collective under DDP (a broadcast): every rank must ask, not only rank 0
         out = Path(trainer.log_dir or trainer.default_root_dir) / "dissection" / f"epoch_{epoch:03d}"
         self._write(trainer, results, epoch, out)

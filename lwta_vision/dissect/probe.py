@@ -6,7 +6,7 @@ the target network its eval transform, CLIP its own ``preprocess``, the HTML rep
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional, Sequence
 
 import torch

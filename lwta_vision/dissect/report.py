@@ -111,7 +111,6 @@ def write_html(
         extra_columns: per layer, unit -> extra HTML-escaped text shown under the labels (e.g. IoU label).
     """
     out_dir = Path(out_dir)
-    img_dir = out_dir / "images"
     parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
              "<style>body{font-family:sans-serif;margin:1em}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:2px 6px}.u{display:inline-block;vertical-align:top;"

@@ -12,7 +12,6 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 EVAL_MODES = ("argmax", "sample")
