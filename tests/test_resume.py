@@ -5,7 +5,7 @@ A tiny quickstart run (2 epochs x 2 batches, num_workers 0, seed 0) crashes in t
 
 - From an **epoch-boundary** checkpoint (the one written after epoch 0's validation) the resumed run ends with
   exactly the same weights, val/acc and dissection history as the uninterrupted run, *provided the RNG states
-  travel with the checkpoint* (``_RNGState`` below). Lightning does not save them: without it the resumed run
+  travel with the checkpoint* (``RNGStateCheckpoint``, on by default in train.py). Lightning does not save them: without it the resumed run
   draws its epoch-1 shuffle and its LWTA Gumbel noise from a freshly seeded stream and ends elsewhere.
 - From a **mid-epoch** checkpoint (step 3 of 4) it cannot be exact: Lightning restores the loop counters
   (global step, batch index) but not the position inside the shuffled, non-stateful DataLoader, so the
@@ -16,10 +16,8 @@ A tiny quickstart run (2 epochs x 2 batches, num_workers 0, seed 0) crashes in t
   callback's state (previous labels, history) survives, so the resumed epoch logs ``label_drift`` against
   the labels of epoch 0.
 """
-import random
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -33,21 +31,6 @@ _INSTANTIATE_TRAINER = LwtaCLI._instantiate_trainer
 SMALL_NET = '{"widths": [8, 16, 32], "act": "lwta", "act_kwargs": {"competitors": 4}}'
 
 
-class _RNGState(Callback):
-    """Saves torch/numpy/python RNG states in the checkpoint (as weights_only-loadable lists) and restores them."""
-
-    def state_dict(self):
-        name, keys, pos, has_gauss, gauss = np.random.get_state()
-        return {"torch": torch.get_rng_state(), "numpy": [name, keys.tolist(), pos, has_gauss, gauss],
-                "python": random.getstate()}
-
-    def load_state_dict(self, state):
-        torch.set_rng_state(state["torch"])
-        name, keys, pos, has_gauss, gauss = state["numpy"]
-        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
-        random.setstate(state["python"])
-
-
 class _Crash(Callback):
     def __init__(self, at_step: int):
         self.at_step = at_step
@@ -59,8 +42,8 @@ class _Crash(Callback):
 
 def _fit(tmp, name, monkeypatch, *extra_args, crash=None):
     """train.py fit through the real CLI, with step checkpoints, RNG states and an optional crash added."""
-    extra = [ModelCheckpoint(dirpath=tmp / name / "steps", every_n_train_steps=1, save_top_k=-1, filename="{step}"),
-             _RNGState()] + ([_Crash(crash)] if crash else [])
+    extra = [ModelCheckpoint(dirpath=tmp / name / "steps", every_n_train_steps=1, save_top_k=-1,
+                             filename="{step}")] + ([_Crash(crash)] if crash else [])
     monkeypatch.setattr(LwtaCLI, "_instantiate_trainer", lambda self, config, callbacks: _INSTANTIATE_TRAINER(
         self, config, list(callbacks) + extra))
     args = ["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--data.init_args.num_train", "32",

@@ -1,4 +1,5 @@
 """Lightning callbacks."""
 from lwta_vision.callbacks.dissection import NeuronDissection
+from lwta_vision.callbacks.rng import RNGStateCheckpoint
 
-__all__ = ["NeuronDissection"]
+__all__ = ["NeuronDissection", "RNGStateCheckpoint"]
