@@ -54,9 +54,13 @@ def _instantiate(spec: dict):
     return getattr(importlib.import_module(module), name)(**(spec.get("init_args") or {}))
 
 
-def _load(checkpoint, torchvision_model, torchvision_weights, data, image_folder, split, max_images,
-          allow_no_probe=False):
-    """Network, probe set and class names from the arguments shared by every subcommand."""
+def _load(checkpoint, torchvision_model, torchvision_weights, data, split, max_images, images=None,
+          images_name=None):
+    """Network, probe set and class names from the arguments shared by every subcommand.
+
+    ``images`` (a dataset of raw images: an image folder, Broden) replaces the datamodule's split as the
+    probe set; it gets the network's preprocessing, resized to the network's input size.
+    """
     if (checkpoint is None) == (torchvision_model is None):
         raise ValueError("pass exactly one of --checkpoint (a train.py .ckpt) or --torchvision_model (e.g. resnet18)")
     dm, transform, grayscale = data, None, False
@@ -69,27 +73,28 @@ def _load(checkpoint, torchvision_model, torchvision_weights, data, image_folder
                 dm = _instantiate(cfg["data"])
         if dm is not None:
             transform, grayscale = dm.eval_transform, dm.in_channels == 1
-            if image_folder:
+            if images is not None:
                 transform = T.Compose([T.Resize((dm.image_size, dm.image_size)), transform])
-        elif image_folder:
+        elif images is not None:
             raise ValueError(f"no config.yaml beside {checkpoint!r}; pass --data (the training datamodule) so the "
                              "probe images get the network's preprocessing")
     else:
         net, transform, class_names = _torchvision_model(torchvision_model, torchvision_weights)
-    if image_folder:
-        probe = ProbeSet(ImageFolderImages(image_folder), transform, f"folder:{os.path.abspath(image_folder)}",
-                         grayscale)
+    if images is not None:
+        probe = ProbeSet(images, transform, images_name, grayscale)
     elif dm is not None:
         probe = dm.probe_set(split)
-    elif allow_no_probe:
-        return net, (ProbeSet([], transform, "none") if transform is not None else None), list(class_names)
     else:
         raise ValueError("no probe set: pass --image_folder DIR or --data (a datamodule class_path)")
     if max_images is not None and max_images < len(probe):
-        from lwta_vision.callbacks.dissection import _first_n
-
-        probe = _first_n(probe, max_images)
+        probe = probe.first(max_images)
     return net, probe, list(class_names)
+
+
+def _folder(image_folder: Optional[str]) -> tuple:
+    if not image_folder:
+        return None, None
+    return ImageFolderImages(image_folder), f"folder:{os.path.abspath(image_folder)}"
 
 
 def _torchvision_model(name: str, weights: Optional[str]):
@@ -113,8 +118,7 @@ def _torchvision_model(name: str, weights: Optional[str]):
 
 
 def _scorer(scorer, probe, clip_model, clip_pretrained, clip_checkpoint, device, cache_dir, batch_size):
-    base = getattr(probe.dataset, "dataset", probe.dataset)
-    has_gt = hasattr(probe.dataset, "presence_matrix") or hasattr(base, "presence_matrix")
+    has_gt = hasattr(probe.dataset, "presence_matrix")  # GroundTruthScorer.from_dataset needs exactly this
     if scorer == "auto":
         scorer = "ground_truth" if has_gt else "clip"
     if scorer == "ground_truth":
@@ -207,8 +211,8 @@ def describe(
     dev = _device(device)
     _require_layers(layers)
     _check_options(scorer, similarity, output_dir)
-    net, probe, class_names = _load(checkpoint, torchvision_model, torchvision_weights, data, image_folder, split,
-                                    max_images)
+    net, probe, class_names = _load(checkpoint, torchvision_model, torchvision_weights, data, split, max_images,
+                                    *_folder(image_folder))
     net = net.to(dev)
     resolve_layers(net, layers)
     sc = _scorer(scorer, probe, clip_model, clip_pretrained, clip_checkpoint, dev, cache_dir, batch_size)
@@ -262,8 +266,8 @@ def evaluate(
 
     dev = _device(device)
     _check_options(scorer, similarity, output_file=output)
-    net, probe, class_names = _load(checkpoint, torchvision_model, torchvision_weights, data, image_folder, split,
-                                    max_images)
+    net, probe, class_names = _load(checkpoint, torchvision_model, torchvision_weights, data, split, max_images,
+                                    *_folder(image_folder))
     net = net.to(dev)
     layer = layer or _last_linear(net)
     resolve_layers(net, [layer])
@@ -413,16 +417,13 @@ def iou(
     dev = _device(device)
     _require_layers(layers)
     _check_options(output_dir=output_dir)
+    images = name = None
     if broden:
         from lwta_vision.dissect.broden import BrodenDataset
 
-        net, probe, _ = _load(checkpoint, torchvision_model, torchvision_weights, data, None, split, None,
-                              allow_no_probe=True)
-        ds = BrodenDataset(broden, categories=broden_categories, max_images=max_images)
-        probe = ProbeSet(ds, probe.transform if probe is not None else _default_transform(net), 
-                         f"broden:{os.path.abspath(broden)}")
-    else:
-        net, probe, _ = _load(checkpoint, torchvision_model, torchvision_weights, data, None, split, max_images)
+        images = BrodenDataset(broden, categories=broden_categories, max_images=max_images)
+        name = f"broden:{os.path.abspath(broden)}"
+    net, probe, _ = _load(checkpoint, torchvision_model, torchvision_weights, data, split, max_images, images, name)
     net = net.to(dev)
     resolve_layers(net, layers)
     results, agreement, extra = {}, {}, {}
@@ -455,10 +456,6 @@ def iou(
                    title=f"Network Dissection on {probe.name}", extra_columns=extra)
     print(f"wrote {output_dir}/")
     return {l: r.summary for l, r in results.items()}
-
-
-def _default_transform(net):
-    return T.Compose([T.Resize(224), T.CenterCrop(224), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 def _require_layers(layers) -> None:

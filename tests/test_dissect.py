@@ -232,3 +232,15 @@ def test_callback_iou_layers_logs_detectors(tmp_path):
     rows = list(csv.DictReader(open(next(tmp_path.glob("**/metrics.csv")))))
     assert any(r.get("dissect/layer3/detectors") for r in rows)
     assert any(r.get("dissect/layer3/unique_concepts") for r in rows)
+
+
+from test_broden import broden  # noqa: E402,F401  (the tiny Broden-format folder fixture)
+
+
+def test_iou_subcommand_on_a_broden_folder(trained_run, broden, tmp_path):  # noqa: F811
+    out = tmp_path / "b"
+    summaries = dissect_main(["iou", "--checkpoint", str(trained_run), "--layers", "[layer3]", "--broden",
+                              str(broden), "--quantile", "0.1", "--output_dir", str(out), "--device", "cpu"])
+    assert summaries["layer3"]["units"] == 128 and summaries["layer3"]["images"] == 4
+    meta = json.loads((out / "summary.json").read_text())["meta"]
+    assert meta["probe"].startswith("broden:")

@@ -93,14 +93,13 @@ class NeuronDissection(Callback):
                 raise ValueError("NeuronDissection needs a datamodule with probe_set() or an explicit probe=")
             self.probe = dm.probe_set(self.probe_split)
         if self.max_probe_images is not None and self.max_probe_images < len(self.probe):
-            self.probe = _first_n(self.probe, self.max_probe_images)
+            self.probe = self.probe.first(self.max_probe_images)
 
     def _ensure_concepts(self) -> None:
         if self._image_concept is not None:
             return
         if self.scorer is None:
-            base = getattr(self.probe.dataset, "dataset", self.probe.dataset)
-            if not hasattr(self.probe.dataset, "presence_matrix") and not hasattr(base, "presence_matrix"):
+            if not hasattr(self.probe.dataset, "presence_matrix"):
                 raise ValueError(
                     "NeuronDissection: the probe data has no concept annotations; set scorer (e.g. "
                     "class_path: lwta_vision.dissect.scorers.CLIPScorer) in the callback's init_args"
@@ -197,33 +196,6 @@ class NeuronDissection(Callback):
 def _network(pl_module: L.LightningModule) -> torch.nn.Module:
     """The backbone inside the LightningModule (layer paths are relative to it)."""
     return getattr(pl_module, "model", pl_module)
-
-
-class _FirstN(torch.utils.data.Dataset):
-    """The first n items of a dataset, forwarding its annotations (concept names, masks, presence rows)."""
-
-    def __init__(self, ds, n: int):
-        self.dataset, self.n = ds, n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        if i >= self.n:
-            raise IndexError(i)
-        return self.dataset[i]
-
-    def __getattr__(self, name):
-        if name in ("dataset", "n"):
-            raise AttributeError(name)
-        attr = getattr(self.dataset, name)  # AttributeError when the dataset has no such annotation
-        if name == "presence_matrix":
-            return lambda: attr()[: self.n]
-        return attr
-
-
-def _first_n(probe: ProbeSet, n: int) -> ProbeSet:
-    return ProbeSet(_FirstN(probe.dataset, n), probe.transform, f"{probe.name}[:{n}]", probe.grayscale)
 
 
 def _gather_records(trainer: L.Trainer, records, num_images: int, top_k: int):

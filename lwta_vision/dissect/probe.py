@@ -46,6 +46,29 @@ class _Transformed(Dataset):
         return self.transform(img), i
 
 
+class _FirstN(Dataset):
+    """The first n items of a dataset, forwarding its annotations (concept names, masks, presence rows)."""
+
+    def __init__(self, ds, n: int):
+        self.dataset, self.n = ds, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if i >= self.n:
+            raise IndexError(i)
+        return self.dataset[i]
+
+    def __getattr__(self, name):
+        if name in ("dataset", "n"):
+            raise AttributeError(name)
+        attr = getattr(self.dataset, name)  # AttributeError when the dataset has no such annotation
+        if name == "presence_matrix":
+            return lambda: attr()[: self.n]
+        return attr
+
+
 class ProbeSet:
     """Raw images to dissect on, with the target network's transform and a stable identity for caches.
 
@@ -76,6 +99,10 @@ class ProbeSet:
         if isinstance(item, (tuple, list)) and len(item) > 1:
             return int(item[1])
         return None
+
+    def first(self, n: int) -> "ProbeSet":
+        """The first ``n`` images (annotations such as masks and presence rows follow)."""
+        return ProbeSet(_FirstN(self.dataset, n), self.transform, f"{self.name}[:{n}]", self.grayscale)
 
     def network_dataset(self) -> Dataset:
         """Dataset of ``(network_input, index)`` for recording activations."""
