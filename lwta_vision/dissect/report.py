@@ -159,3 +159,47 @@ def write_html(
 
 def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def write_dnd_html(out_dir: Path, layers: dict[str, Sequence], thumb_size: int = 96,
+                   title: str = "lwta_vision Describe-and-Dissect") -> Path:
+    """``index.html`` for Describe-and-Dissect: per unit its labels, candidates, and the kept exemplars
+    (crops marked with their box) with their captions.
+
+    ``layers`` maps a layer name to its :class:`~lwta_vision.dissect.dnd.UnitDescription` list.
+    """
+    out_dir = Path(out_dir)
+    parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             "<style>body{font-family:sans-serif;margin:1em}.u{border:1px solid #ddd;margin:6px;padding:6px}"
+             ".u.off{opacity:.45}.e{display:inline-block;vertical-align:top;width:" + str(thumb_size + 8)
+             + "px;margin:2px;font-size:80%}.s{color:#666;font-size:85%}</style>",
+             f"<h1>{html.escape(title)}</h1>"]
+    for layer, descriptions in layers.items():
+        stem = safe_name(layer)
+        parts.append(f"<h2 id='{stem}'>{html.escape(layer)}</h2>")
+        for d in descriptions:
+            parts.append(f"<div class='u{'' if d.active else ' off'}'><b>unit {d.unit}</b>: ")
+            if not d.active:
+                parts.append("<i>inactive (never won on the probe set)</i></div>")
+                continue
+            if d.selection:
+                best = d.selection[0]
+                parts.append(f"<b>{html.escape(best.concept)}</b> <span class='s'>{best.final:.3g}</span>")
+                alt = ", ".join(f"{html.escape(s.concept)} ({s.final:.3g})" for s in d.selection[1:])
+                parts.append(f"<div class='s'>next: {alt}</div>")
+            for note in d.notes:
+                parts.append(f"<div class='s'><i>{html.escape(note)}</i></div>")
+            parts.append(f"<div class='s'>candidates: {html.escape(', '.join(d.candidates))}</div>")
+            for rank, e in enumerate(d.exemplars):
+                rel = f"images/{stem}/u{d.unit}_{rank}.png"
+                buf = io.BytesIO()
+                _thumb(e.image.convert("RGB"), thumb_size).save(buf, format="PNG")
+                atomic_write_bytes(out_dir / rel, buf.getvalue())
+                where = f"image {e.source}" + (f", crop {e.box}" if e.box is not None else "")
+                parts.append(f"<div class='e'><img src='{rel}' width='{thumb_size}' title='{html.escape(where)}'>"
+                             f"<br><span class='s'>{html.escape(where)}; act {e.activation:.3g}</span>"
+                             f"<br>{html.escape(e.caption)}</div>")
+            parts.append("</div>")
+    path = out_dir / "index.html"
+    atomic_write_text(path, "\n".join(parts))
+    return path

@@ -310,6 +310,17 @@ class CLIPScorer(Scorer):
                  "m": len(concepts), "precision": self.precision}
         return self._cached(parts, lambda: self._encode_texts(concepts))
 
+    @torch.no_grad()
+    def encode_pil(self, images: Sequence[Any]) -> Tensor:
+        """L2-normalised fp32 embeddings [n, d] of transient PIL images (crops, generated images); not cached."""
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            x = torch.stack([self.preprocess(im.convert("RGB")) for im in images[i:i + self.batch_size]])
+            with self._autocast():
+                emb = self.model.encode_image(x.to(self.device))
+            out.append(torch.nn.functional.normalize(emb.float(), dim=-1).cpu())
+        return torch.cat(out) if out else torch.empty(0)
+
     def embed(self, texts: Sequence[str]) -> Tensor:
         """Alias of :meth:`text_embeddings`, so a scorer can serve as the text embedder in evaluation."""
         return self.text_embeddings(texts)
