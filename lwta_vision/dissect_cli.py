@@ -392,6 +392,7 @@ def dnd(
     summarizer_model: str = "default",
     api_key_env: str = "OPENAI_API_KEY",
     generator: Optional[str] = None,
+    generator_steps: int = 25,
     scorer: str = "auto",
     clip_model: str = "ViT-B-16",
     clip_pretrained: Optional[str] = "openai",
@@ -421,8 +422,12 @@ def dnd(
         summarizer: ``hf:<folder or hub name>`` (a local causal LM), or ``openai:<base URL>`` for any
             OpenAI-compatible chat endpoint (llama.cpp, vLLM), e.g. ``openai:http://127.0.0.1:8080/v1``;
             ``summarizer_model`` names the model on that endpoint, the key is read from ``$api_key_env``.
+            ``ground_truth`` (generated data): every annotated concept the captions mention is a candidate,
+            a test double that measures the selection stage with all distractors present.
         generator: a diffusers text-to-image pipeline (folder or hub name) making "One realistic image of
-            <concept>"; default: retrieve the concept's images from the probe set with ``scorer``.
+            <concept>"; ``ground_truth`` (generated data): fresh generated images whose main object has the
+            concept; default: retrieve the concept's images from the probe set with ``scorer``.
+        generator_steps: denoising steps of the diffusers pipeline.
         scorer: what retrieves concept images (auto: ground truth on annotated data, else CLIP); a CLIP
             scorer also weights candidates by image-image similarity (the ground-truth scorer cannot: every
             weight is then 1).
@@ -437,8 +442,9 @@ def dnd(
     _require_layers(layers)
     _check_options(scorer, None, output_dir)
     kind, _, target = summarizer.partition(":")
-    if kind not in ("hf", "openai") or not target:
-        raise ValueError(f"--summarizer {summarizer!r}: use hf:<model folder or hub name> or openai:<base URL>")
+    if summarizer != "ground_truth" and (kind not in ("hf", "openai") or not target):
+        raise ValueError(f"--summarizer {summarizer!r}: use hf:<model folder or hub name>, openai:<base URL> or "
+                         "ground_truth")
     if rounds < 1 or beta < 1 or top_images < 1 or concept_images < 1:
         raise ValueError("--rounds, --beta, --top_images and --concept_images must be >= 1")
     summ = (G.OpenAISummarizer(target, summarizer_model, api_key_env) if kind == "openai" else None)
@@ -450,10 +456,20 @@ def dnd(
         cap = G.GroundTruthCaptioner(probe.dataset)
     else:
         cap = G.HFCaptioner(captioner, device=str(dev))
-    if summ is None:
+    candidates_fn = None
+    if summarizer == "ground_truth":
+        candidates_fn = G.caption_concepts(getattr(probe.dataset, "concept_names", None))
+    elif summ is None:
         summ = G.HFSummarizer(target, device=str(dev))
     sc = _scorer(scorer, probe, clip_model, clip_pretrained, clip_checkpoint, dev, cache_dir, batch_size)
-    images = G.DiffusersGenerator(generator, device=str(dev)) if generator else D.ProbeRetriever(sc, probe)
+    if generator == "ground_truth":
+        if not hasattr(probe.dataset, "concept_categories"):
+            raise ValueError("--generator ground_truth needs the generated concept data; pass a diffusers model")
+        images = G.GeneratedConceptImages(image_size=probe.raw(0).width, seed=seed)
+    elif generator:
+        images = G.DiffusersGenerator(generator, device=str(dev), num_inference_steps=generator_steps)
+    else:
+        images = D.ProbeRetriever(sc, probe)
     embedder = G.clip_image_embedder(sc) if isinstance(sc, CLIPScorer) else None
     records = record_probe(net, layers, probe, max(top_images, 1), pooling, token_pooling, batch_size, 0, dev,
                            progress=True)
@@ -461,7 +477,7 @@ def dnd(
     for layer in layers:
         results[layer] = D.describe_layer(
             net, layer, probe, records[layer], cap, summ, images, embedder, units, rounds, beta, top_images,
-            top_images, concept_images, max_crops, seed, pooling=pooling, token_pooling=token_pooling,
+            top_images, concept_images, max_crops, seed, candidates_fn, pooling=pooling, token_pooling=token_pooling,
             device=dev, batch_size=batch_size, progress=True)
     meta = {"method": "describe_and_dissect", "checkpoint": checkpoint, "torchvision_model": torchvision_model,
             "probe": probe.name, "num_images": len(probe), "captioner": captioner, "summarizer": summarizer,

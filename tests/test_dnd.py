@@ -14,12 +14,13 @@ from lwta_vision.data.generated import ShapesConceptDataset
 from lwta_vision.dissect.dnd import (Exemplar, ProbeRetriever, attention_boxes, box_iou, candidate_concepts,
                                      clean_concept, connected_components, otsu_threshold, rank_scores,
                                      select_concepts)
-from lwta_vision.dissect.generative import GroundTruthCaptioner, HFCaptioner, HFSummarizer, OpenAISummarizer
+from lwta_vision.dissect.generative import (DiffusersGenerator, GroundTruthCaptioner, HFCaptioner, HFSummarizer,
+                                            OpenAISummarizer)
 from lwta_vision.dissect.probe import ProbeSet
 from lwta_vision.dissect.scorers import GroundTruthScorer, WeightsUnavailableError
 from lwta_vision.dissect_cli import main as dissect_main
 from test_dissect import trained_run  # noqa: F401  (a tiny quickstart checkpoint)
-from tiny_hf import build_tiny_captioner, build_tiny_causal_lm
+from tiny_hf import build_tiny_captioner, build_tiny_causal_lm, build_tiny_diffusion
 
 
 # ------------------------------------------------------------------------------------ stage 1: cropping
@@ -157,6 +158,11 @@ def tiny_models(tmp_path_factory):
     return build_tiny_captioner(str(root / "captioner")), build_tiny_causal_lm(str(root / "lm"))
 
 
+@pytest.fixture(scope="module")
+def tiny_diffusion(tmp_path_factory):
+    return build_tiny_diffusion(str(tmp_path_factory.mktemp("sd") / "pipe"))
+
+
 class _FakeOpenAI(BaseHTTPRequestHandler):
     requests: list = []
 
@@ -197,6 +203,14 @@ def test_hf_wrappers_are_deterministic(tiny_models):
     summ = HFSummarizer(lm_path)
     s0, s1 = summ(["a red circle", "a blue circle"], 0), summ(["a red circle", "a blue circle"], 1)
     assert s0 == summ(["a red circle", "a blue circle"], 0) and s0 != s1  # seeded sampling
+
+
+def test_diffusers_generator_is_seeded(tiny_diffusion):
+    gen = DiffusersGenerator(tiny_diffusion, num_inference_steps=2)
+    a, b, c = gen("red circle", 2, seed=0), gen("red circle", 2, seed=0), gen("red circle", 2, seed=1)
+    assert len(a) == 2 and all(isinstance(i, Image.Image) for i in a)
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+    assert not np.array_equal(np.asarray(a[0]), np.asarray(c[0]))
 
 
 def test_missing_models_give_one_clear_error(tmp_path):
@@ -262,18 +276,22 @@ def test_dnd_end_to_end_on_tiny_local_models(trained_run, tiny_models, tmp_path)
     assert again == res
 
 
-def test_dnd_with_an_openai_compatible_server(trained_run, tiny_models, fake_server, tmp_path):  # noqa: F811
+def test_dnd_with_an_openai_compatible_server_and_a_diffusion_model(trained_run, tiny_models, tiny_diffusion,  # noqa: F811
+                                                                   fake_server, tmp_path):
     cap_path, _ = tiny_models
     out = tmp_path / "dnd"
     res = dissect_main(["dnd", "--checkpoint", str(trained_run), "--layers", "[fc]", "--max_images", "48",
                         "--captioner", cap_path, "--summarizer", f"openai:{fake_server}",
                         "--summarizer_model", "tiny", "--rounds", "3", "--top_images", "4",
-                        "--concept_images", "4", "--output_dir", str(out), "--device", "cpu", "--html", "false"])
+                        "--concept_images", "4", "--generator", tiny_diffusion, "--generator_steps", "2",
+                        "--output_dir", str(out), "--device", "cpu", "--html", "false"])
     labels = [r["label"] for r in csv.DictReader(open(out / "fc.csv")) if r["active"] == "True"]
     assert len(_FakeOpenAI.requests) == 3 * len(labels) and len(res["fc"]) == 6
     assert labels and all(l in {"circle", "square", "triangle", "star", "cross", "ring", "shape"} for l in labels)
     meta = json.loads((out / "summary.json").read_text())["meta"]
-    assert meta["weighting"] == "none" and "GroundTruthScorer" in meta["concept_images"]
+    assert meta["weighting"] == "none" and meta["concept_images"] == tiny_diffusion
+    sel = [s for u in json.loads((out / "fc_dnd.json").read_text())["units"] for s in u["selection"]]
+    assert sel and all(s["rank_score"] < float("inf") for s in sel)  # generated images were ranked
 
 
 @pytest.mark.parametrize("argv, match", [

@@ -418,7 +418,7 @@ def describe_layer(
 ) -> list[UnitDescription]:
     """Describe-and-Dissect for ``units`` of one layer (default: every unit that won on the probe set).
 
-    ``candidates_fn(unit, exemplars)`` replaces captioning + summarising when given (e.g. to measure the
+    ``candidates_fn(unit, captioned exemplars)`` replaces the summariser when given (e.g. to measure the
     selection stage alone). Units that never won are reported inactive without running the models.
     """
     all_units = list(range(record.num_units)) if units is None else [int(u) for u in units]
@@ -441,11 +441,11 @@ def describe_layer(
             continue
         useed = seed * 100003 + u
         d.exemplars = ex = exemplars[u]
+        for e, cap in zip(ex, captioner(ex, useed)):
+            e.caption = cap
         if candidates_fn is not None:
             d.candidates = list(dict.fromkeys(candidates_fn(u, ex)))
         else:
-            for e, cap in zip(ex, captioner(ex, useed)):
-                e.caption = cap
             d.candidates = candidate_concepts([e.caption for e in ex], summarizer, rounds, useed)
         if not d.candidates:
             d.notes.append("no candidate concept (empty summaries)")

@@ -249,3 +249,47 @@ class GroundTruthCaptioner:
 
     def __call__(self, exemplars: Sequence[Exemplar], seed: int) -> list[str]:
         return [self.caption(e.source, e.box) for e in exemplars]
+
+
+class GeneratedConceptImages:
+    """A documented test double standing in for Stable Diffusion on the generated concept data: "images of
+    <concept>" are drawn from a fresh split of the generated dataset in which the concept is the *main*
+    thing: a shape is the largest object, a colour is the largest object's colour, a texture is the
+    background. A phrase ("red circle") needs all of its words; a phrase with no known word gets no images.
+
+    The pool (``split``, default "test") never overlaps the probe split, as generated images would not.
+    """
+
+    def __init__(self, image_size: int = 32, pool_size: int = 2000, split: str = "test", seed: int = 0):
+        from lwta_vision.data.generated import COLOURS, SHAPES, TEXTURES, ShapesConceptDataset
+
+        self.dataset = ShapesConceptDataset(pool_size, image_size=image_size, seed=seed, split=split)
+        tags = []
+        for i in range(pool_size):
+            scene = self.dataset._scene(i)
+            main = scene["colours"][scene["objects"] == 0]  # object 0 is the labelled (largest) one
+            colour = COLOURS[int(np.bincount(main).argmax())]
+            tags.append({SHAPES[scene["label"]], colour, TEXTURES[scene["texture"]]})
+        self.tags, self.vocab = tags, set(SHAPES) | set(COLOURS) | set(TEXTURES)
+
+    def __call__(self, concept: str, n: int, seed: int) -> list[Image.Image]:
+        words = [w for w in concept.lower().split() if w in self.vocab]
+        if not words:
+            return []
+        match = [i for i, t in enumerate(self.tags) if all(w in t for w in words)]
+        rng = np.random.default_rng(seed)
+        pick = rng.choice(match, size=min(n, len(match)), replace=False) if match else []
+        return [self.dataset[int(i)][0] for i in pick]
+
+
+def caption_concepts(concept_names: Optional[Sequence[str]]):
+    """A test double for the summariser on annotated data: every annotated concept that a unit's captions
+    mention becomes a candidate (most mentioned first), so selection faces every distractor the captions hold."""
+    if not concept_names:
+        raise ValueError("--summarizer ground_truth needs a probe set with annotated concepts (the generated data)")
+    names = [str(c).lower() for c in concept_names]
+
+    def candidates(unit: int, exemplars: Sequence[Exemplar]) -> list[str]:
+        counts = {n: sum(n in e.caption.lower().split() for e in exemplars) for n in names}
+        return [n for n in sorted(names, key=lambda n: -counts[n]) if counts[n] > 0]
+    return candidates
