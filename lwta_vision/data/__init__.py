@@ -12,6 +12,8 @@ from lwta_vision.data.generated import (
     ConceptDataModule,
     ShapesConceptDataset,
 )
+from lwta_vision.data.imagenet import ImageNetDataModule
+from lwta_vision.data.streaming import StreamingImageDataModule
 
 __all__ = [
     "ArrayImageDataset",
@@ -21,7 +23,9 @@ __all__ = [
     "CONCEPT_NAMES",
     "ConceptDataModule",
     "FashionMNISTDataModule",
+    "ImageNetDataModule",
     "ShapesConceptDataset",
+    "StreamingImageDataModule",
     "TransformedView",
     "VisionDataModule",
     "read_idx",

@@ -1,0 +1,198 @@
+"""Stream image shards written by ``python -m lwta_vision.data.shards`` (litdata) from disk or an object store.
+
+Training and validation read the shards sequentially with litdata's ``StreamingDataset`` and
+``StreamingDataLoader``: chunks are fetched ahead of use (and cached locally for URLs), train is shuffled
+(chunk order and items within chunks, reseeded every epoch), and under DDP each rank reads its own share of
+the chunks, so the Trainer adds no sampler. Dissection and ``dataset(split)`` get random access to the same
+shards instead (``probe_set`` needs indices).
+"""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from typing import Any, Callable, Optional
+
+from PIL import Image
+from torch.utils.data import Dataset
+
+from lwta_vision.data.base import VisionDataModule
+from lwta_vision.data.imagenet import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    eval_resize,
+    imagenet_augmentation,
+    imagenet_class_names,
+    imagenet_eval_transform,
+    imagenet_wnids,
+)
+from lwta_vision.data.shards import CLASSES_FILE, read_classes_file, require_litdata
+
+
+def _is_url(path: str) -> bool:
+    return "://" in str(path)
+
+
+def _join(root: str, *parts: str) -> str:
+    return "/".join([str(root).rstrip("/"), *parts]) if _is_url(root) else os.path.join(root, *parts)
+
+
+class DecodeItem:
+    """Shard item ``{"image": bytes, "label": int}`` -> ``(transform(RGB PIL image), label)``.
+
+    A module-level class (not a lambda) so DataLoader workers started with "spawn" can pickle it.
+    """
+
+    def __init__(self, transform: Optional[Callable] = None):
+        self.transform = transform
+
+    def __call__(self, item: dict) -> tuple[Any, int]:
+        with Image.open(io.BytesIO(item["image"])) as img:
+            image = img.convert("RGB")
+        return (image if self.transform is None else self.transform(image)), int(item["label"])
+
+
+class ShardImages(Dataset):
+    """Random access to a split's shards as raw ``(PIL image, label)`` items (for probe sets and views).
+
+    ``len`` is the whole split on every rank (litdata's own ``len`` is the rank's share).
+    """
+
+    def __init__(self, stream):
+        self.stream = stream
+        self._len = sum(end - start for start, end in stream.region_of_interest)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < self._len:
+            raise IndexError(f"index {i} out of range for {self._len} images")
+        return self.stream[int(i)]
+
+
+class StreamingImageDataModule(VisionDataModule):
+    """Image classification from litdata shards: ``<data_dir>/train/`` and ``<data_dir>/val/``.
+
+    Write the shards with ``python -m lwta_vision.data.shards --src /data/imagenet --dst <data_dir>``; each
+    split folder holds litdata's ``index.json`` and chunks, and ``classes.json`` with the class names.
+    ``data_dir`` is a local folder or an object-store URL (``s3://bucket/imagenet-shards``,
+    ``gs://...``; credentials as litdata/boto3 read them, or ``storage_options``). Transforms are the ImageNet
+    ones (RandomResizedCrop + flip for training, Resize + CenterCrop for evaluation); "test" is the val split.
+
+    Class names are read from ``train/classes.json`` when the DataModule is created; if it is not there yet
+    they default to the 1000 ImageNet classes (so a config builds before the data exists) and the missing
+    shards are reported at setup.
+
+    Args:
+        data_dir: folder or URL holding ``train/`` and ``val/`` shards.
+        image_size: side of the square crops the network sees (224).
+        resize: eval resize of the shorter side (default ``round(image_size / 0.875)``, 256 for 224).
+        cache_dir: where litdata caches chunks streamed from a URL (default: litdata's own).
+        max_cache_size: cap on that cache, e.g. "100GB".
+        storage_options: passed to litdata (e.g. ``{"endpoint_url": ...}`` for S3-compatible stores).
+        batch_size, num_workers, seed, augment, pin_memory: see :class:`VisionDataModule`; ``seed`` seeds
+            the shuffle of the training shards.
+    """
+
+    name = "shards"
+    in_channels = 3
+    mean = IMAGENET_MEAN
+    std = IMAGENET_STD
+
+    def __init__(self, data_dir: str, image_size: int = 224, resize: Optional[int] = None, batch_size: int = 256,
+                 num_workers: int = 8, seed: int = 0, augment: bool = True, pin_memory: bool = False,
+                 cache_dir: Optional[str] = None, max_cache_size: str = "100GB",
+                 storage_options: Optional[dict] = None):
+        super().__init__(data_dir, batch_size=batch_size, num_workers=num_workers, val_fraction=None, seed=seed,
+                         augment=augment, pin_memory=pin_memory)
+        require_litdata()
+        self.image_size, self.resize = image_size, eval_resize(image_size, resize)
+        self.cache_dir, self.max_cache_size = cache_dir, max_cache_size
+        self.storage_options = dict(storage_options or {})
+        try:
+            meta = self._read_meta("train")
+            self.folder_names, self.class_names = list(meta["classes"]), list(meta["class_names"])
+        except (OSError, ValueError):  # reported by setup(), where the Trainer shows it
+            self.folder_names, self.class_names = list(imagenet_wnids()), list(imagenet_class_names())
+        self.num_classes = len(self.class_names)
+
+    # ------------------------------------------------------------------------------------- transforms
+    @property
+    def eval_transform(self) -> Callable:
+        """Resize the shorter side to ``resize``, center-crop ``image_size``, normalise."""
+        return imagenet_eval_transform(self.image_size, self.resize, self.mean, self.std)
+
+    def _augmentation(self) -> list[Callable]:
+        return imagenet_augmentation(self.image_size)
+
+    # -------------------------------------------------------------------------------------- the shards
+    def _not_found(self, split: str, why: str) -> FileNotFoundError:
+        return FileNotFoundError(
+            f"no {split} shards in {_join(self.data_dir, split)!r} ({why}). Write them with `python -m "
+            f"lwta_vision.data.shards --src /path/to/imagefolder --dst {self.data_dir}` (it creates train/ and "
+            f"val/ there), or point data.init_args.data_dir at the folder or URL that holds them")
+
+    def _read_meta(self, split: str) -> dict:
+        """``<data_dir>/<split>/classes.json``, fetched with litdata's downloader when ``data_dir`` is a URL."""
+        path = _join(self.data_dir, split, CLASSES_FILE)
+        if not _is_url(self.data_dir):
+            if not os.path.isfile(path):
+                raise self._not_found(split, f"{CLASSES_FILE} missing")
+            return read_classes_file(path)
+        from litdata.streaming.downloader import get_downloader
+
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, CLASSES_FILE)
+            try:
+                get_downloader(_join(self.data_dir, split), tmp, [], self.storage_options).download_file(path, local)
+            except Exception as e:  # credentials, network, missing object: one message naming the URL
+                raise self._not_found(split, f"cannot fetch {path}: {type(e).__name__}: {e}") from e
+            return read_classes_file(local)
+
+    def _stream(self, split: str, transform: Optional[Callable], shuffle: bool = False,
+                drop_last: Optional[bool] = None):
+        litdata = require_litdata()
+        folder = _join(self.data_dir, "val" if split == "test" else split)
+        return litdata.StreamingDataset(folder, shuffle=shuffle, seed=self.seed, drop_last=drop_last,
+                                        transform=DecodeItem(transform), cache_dir=self.cache_dir,
+                                        max_cache_size=self.max_cache_size, storage_options=self.storage_options)
+
+    def prepare_data(self) -> None:
+        """Nothing to fetch: shards are streamed."""
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        """Check both splits' class lists; later calls are no-ops."""
+        if self._raw is not None:
+            return
+        train, val = self._read_meta("train"), self._read_meta("val")
+        if train.get("classes") != val.get("classes"):
+            raise ValueError(f"the train and val shards in {self.data_dir!r} have different classes "
+                             f"({len(train['class_names'])} vs {len(val['class_names'])}); convert both splits "
+                             f"from the same ImageFolder")
+        if list(train["class_names"]) != self.class_names:
+            raise ValueError(f"{_join(self.data_dir, 'train', CLASSES_FILE)} changed after the DataModule was "
+                             f"created ({len(self.class_names)} classes then, {len(train['class_names'])} now); "
+                             f"create it again so the model gets the right classes")
+        try:
+            val_images = ShardImages(self._stream("val", None, shuffle=False))
+            self._raw = {"train": (ShardImages(self._stream("train", None, shuffle=False)), None),
+                         "val": (val_images, None), "test": (val_images, None)}
+        except (FileNotFoundError, ValueError) as e:  # classes.json without litdata's index.json beside it
+            raise self._not_found("train or val", f"{type(e).__name__}: {e}") from e
+
+    def _loader(self, split: str):
+        if self._raw is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() has not run; call setup() first (the Trainer "
+                               f"does this for you)")
+        from litdata import StreamingDataLoader
+
+        # made here, after the Trainer has started DDP, so litdata sees the rank and world size. Train keeps
+        # litdata's drop_last (True under DDP: every rank runs the same number of steps); evaluation reads every
+        # image exactly once (drop_last=False: the last rank takes the remainder, litdata warns about it)
+        if split == "train":
+            stream = self._stream(split, self.train_transform, shuffle=True)
+        else:
+            stream = self._stream(split, self.eval_transform, drop_last=False)
+        return StreamingDataLoader(stream, batch_size=self.batch_size, num_workers=self.num_workers,
+                                   pin_memory=self.pin_memory)
