@@ -268,7 +268,9 @@ def candidate_concepts(captions: Sequence[str], summarizer: Summarizer, rounds: 
 class ConceptImages(Protocol):
     """Images showing a concept: a text-to-image generator, or retrieval from an image pool."""
 
-    def __call__(self, concept: str, n: int, seed: int) -> list[Image.Image]: ...
+    def __call__(self, concept: str, n: int, seed: int, exclude: Sequence[int] = ()) -> list[Image.Image]:
+        """``n`` images of ``concept``; a retriever skips pool indices in ``exclude`` (a generator ignores it)."""
+        ...
 
 
 class ProbeRetriever:
@@ -286,8 +288,9 @@ class ProbeRetriever:
 
     def _similarity(self, concept: str) -> Optional[Tensor]:
         names = getattr(self.scorer, "concept_names", None)
-        if names is None:  # CLIP: any text
-            return self.scorer.similarity(self.pool, [self.template.format(concept)])[:, 0].clone().float()
+        if names is None:  # CLIP: any text; pool embeddings cached once, candidate texts are transient
+            text = self.scorer.encode_text([self.template.format(concept)])
+            return (self.scorer.image_embeddings(self.pool) @ text.T)[:, 0].float()
         # an annotated vocabulary (ground truth): a phrase means all of its annotated words ("red circle")
         known = {str(c).lower(): c for c in names}
         words = [known[w] for w in concept.lower().split() if w in known]
@@ -452,9 +455,8 @@ def describe_layer(
             out.append(d)
             continue
         real_acts = torch.tensor([e.activation for e in ex])
-        imgs = [concept_images(c, num_concept_images, useed + j) if not isinstance(concept_images, ProbeRetriever)
-                else concept_images(c, num_concept_images, useed + j, exclude=sorted({e.source for e in ex}))
-                for j, c in enumerate(d.candidates)]
+        own = sorted({e.source for e in ex})
+        imgs = [concept_images(c, num_concept_images, useed + j, exclude=own) for j, c in enumerate(d.candidates)]
         flat = [im for group in imgs for im in group]
         acts = layer_activations(model, layer, flat, probe.transform, probe.grayscale, pooling, token_pooling,
                                  device, batch_size)

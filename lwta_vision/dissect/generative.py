@@ -196,7 +196,7 @@ class DiffusersGenerator:
         self.device, self.steps, self.template, self.size = torch.device(device), num_inference_steps, template, image_size
 
     @torch.no_grad()
-    def __call__(self, concept: str, n: int, seed: int) -> list[Image.Image]:
+    def __call__(self, concept: str, n: int, seed: int, exclude: Sequence[int] = ()) -> list[Image.Image]:
         gen = torch.Generator(device="cpu").manual_seed(seed)
         size = {"height": self.size, "width": self.size} if self.size else {}
         out = self.pipe(self.template.format(concept), num_images_per_prompt=n, num_inference_steps=self.steps,
@@ -272,7 +272,7 @@ class GeneratedConceptImages:
             tags.append({SHAPES[scene["label"]], colour, TEXTURES[scene["texture"]]})
         self.tags, self.vocab = tags, set(SHAPES) | set(COLOURS) | set(TEXTURES)
 
-    def __call__(self, concept: str, n: int, seed: int) -> list[Image.Image]:
+    def __call__(self, concept: str, n: int, seed: int, exclude: Sequence[int] = ()) -> list[Image.Image]:
         words = [w for w in concept.lower().split() if w in self.vocab]
         if not words:
             return []

@@ -321,6 +321,10 @@ class CLIPScorer(Scorer):
             out.append(torch.nn.functional.normalize(emb.float(), dim=-1).cpu())
         return torch.cat(out) if out else torch.empty(0)
 
+    def encode_text(self, texts: Sequence[str]) -> Tensor:
+        """L2-normalised fp32 embeddings [m, d] of transient texts (e.g. DnD candidates); not cached."""
+        return self._encode_texts([str(t) for t in texts])
+
     def embed(self, texts: Sequence[str]) -> Tensor:
         """Alias of :meth:`text_embeddings`, so a scorer can serve as the text embedder in evaluation."""
         return self.text_embeddings(texts)
