@@ -7,6 +7,7 @@ import shutil
 import sys
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -160,21 +161,27 @@ def test_streaming_datamodule(shards):
 
 
 def test_ranks_read_disjoint_shares(shards, monkeypatch):
-    """Under DDP (litdata reads the rank from torch.distributed, or WORLD_SIZE/GLOBAL_RANK as here) train gives
-    every rank the same number of images, none twice; val gives every image to exactly one rank."""
+    """Under DDP train gives every rank the same number of images, none twice (litdata reads the rank from
+    torch.distributed, or WORLD_SIZE/GLOBAL_RANK as here); val gives each rank a contiguous slice, every image
+    exactly once, even when the split is smaller than one batch per rank."""
     _, dst = shards
-    seen = {"train": [], "val": []}
+    train, val = [], []
     for rank in range(2):
         monkeypatch.setenv("WORLD_SIZE", "2")
         monkeypatch.setenv("GLOBAL_RANK", str(rank))
         # augment=False: train images are deterministic too, so each image is identified by its tensor
         dm = StreamingImageDataModule(str(dst), image_size=16, batch_size=2, num_workers=0, augment=False)
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)  # what the Trainer sets under DDP
         dm.setup()
-        for split, loader in (("train", dm.train_dataloader()), ("val", dm.val_dataloader())):
-            seen[split].append([_digest(x.numpy().tobytes()) for xb, _ in loader for x in xb])
-    train, val = seen["train"], seen["val"]
+        train.append([_digest(x.numpy().tobytes()) for xb, _ in dm.train_dataloader() for x in xb])
+        dm.batch_size = 4  # 6 val images < 2 ranks x 4: every rank still gets a batch
+        loader = dm.val_dataloader()
+        assert len(loader) == 1 and isinstance(loader.sampler, torch.utils.data.DistributedSampler)
+        val.append([_digest(x.numpy().tobytes()) for xb, _ in loader for x in xb])
     assert len(train[0]) == len(train[1]) == 6 and len(set(train[0] + train[1])) == 12
-    assert sum(map(len, val)) == 6 and len(set(val[0] + val[1])) == 6
+    assert len(val[0]) == len(val[1]) == 3 and len(set(val[0] + val[1])) == 6
+    dm.trainer = None
+    assert val[0] + val[1] == [_digest(x.numpy().tobytes()) for xb, _ in dm.val_dataloader() for x in xb]
 
 
 def test_missing_shards_and_missing_litdata(tmp_path, monkeypatch):
@@ -207,3 +214,29 @@ def test_train_py_fast_dev_run_streaming(shards, tmp_path):
         "--trainer.logger.init_args.save_dir", runs])
     assert cli.trainer.state.finished and cli.trainer.global_step == 2
     assert cli.model.class_names == list(NAMES) and cli.model.hparams.num_classes == 3
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_through_train_py(shards, tmp_path):
+    """Real DDP (2 CPU processes) on the streaming config: litdata shards train per rank, val is sliced."""
+    import csv
+    import os
+    import subprocess
+
+    _, dst = shards
+    runs = str(tmp_path / "runs")
+    cmd = [sys.executable, str(ROOT / "train.py"), "fit",
+           "--config", str(ROOT / "configs" / "imagenet_resnet50_lwta_streaming.yaml"),
+           "--model.init_args.model", "convnet_small",
+           "--model.init_args.model_kwargs", '{"widths": [8, 16], "act": "lwta", "act_kwargs": {"competitors": 2}}',
+           "--data.init_args.data_dir", str(dst), "--data.init_args.image_size", "32",
+           "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "1",
+           "--data.init_args.pin_memory", "false", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+           "--trainer.strategy", "ddp", "--trainer.precision", "32-true", "--trainer.max_epochs", "2",
+           "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", runs,
+           "--trainer.logger.init_args.save_dir", runs, "--trainer.logger.init_args.name", "ddp"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+                          text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader(open(next(tmp_path.glob("runs/ddp/version_*/metrics.csv")))))
+    assert len([r for r in rows if r.get("val/acc")]) == 2

@@ -1,10 +1,11 @@
 """Stream image shards written by ``python -m lwta_vision.data.shards`` (litdata) from disk or an object store.
 
-Training and validation read the shards sequentially with litdata's ``StreamingDataset`` and
-``StreamingDataLoader``: chunks are fetched ahead of use (and cached locally for URLs), train is shuffled
-(chunk order and items within chunks, reseeded every epoch), and under DDP each rank reads its own share of
-the chunks, so the Trainer adds no sampler. Dissection and ``dataset(split)`` get random access to the same
-shards instead (``probe_set`` needs indices).
+Training streams the shards with litdata's ``StreamingDataset`` and ``StreamingDataLoader``: chunks are
+fetched ahead of use (and cached locally for URLs), shuffled (chunk order and items within chunks, reseeded
+every epoch), and under DDP each rank reads its own share of the chunks (litdata reads the rank), so the
+Trainer adds no sampler. Evaluation, dissection and ``dataset(split)`` read the same shards by index
+(litdata fetches the chunk an index falls in): validation gives each rank one contiguous slice, so every image
+is counted exactly once and each rank reads only its own chunks.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import tempfile
 from typing import Any, Callable, Optional
 
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lwta_vision.data.base import VisionDataModule
 from lwta_vision.data.imagenet import (
@@ -150,11 +151,10 @@ class StreamingImageDataModule(VisionDataModule):
                 raise self._not_found(split, f"cannot fetch {path}: {type(e).__name__}: {e}") from e
             return read_classes_file(local)
 
-    def _stream(self, split: str, transform: Optional[Callable], shuffle: bool = False,
-                drop_last: Optional[bool] = None):
+    def _stream(self, split: str, transform: Optional[Callable], shuffle: bool = False):
         litdata = require_litdata()
         folder = _join(self.data_dir, "val" if split == "test" else split)
-        return litdata.StreamingDataset(folder, shuffle=shuffle, seed=self.seed, drop_last=drop_last,
+        return litdata.StreamingDataset(folder, shuffle=shuffle, seed=self.seed,
                                         transform=DecodeItem(transform), cache_dir=self.cache_dir,
                                         max_cache_size=self.max_cache_size, storage_options=self.storage_options)
 
@@ -185,14 +185,46 @@ class StreamingImageDataModule(VisionDataModule):
         if self._raw is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not run; call setup() first (the Trainer "
                                f"does this for you)")
+        if split != "train":
+            return self._eval_loader(split)
         from litdata import StreamingDataLoader
 
-        # made here, after the Trainer has started DDP, so litdata sees the rank and world size. Train keeps
-        # litdata's drop_last (True under DDP: every rank runs the same number of steps); evaluation reads every
-        # image exactly once (drop_last=False: the last rank takes the remainder, litdata warns about it)
-        if split == "train":
-            stream = self._stream(split, self.train_transform, shuffle=True)
-        else:
-            stream = self._stream(split, self.eval_transform, drop_last=False)
+        # made here, after the Trainer has started DDP, so litdata sees the rank and world size; drop_last is
+        # litdata's (True under DDP: every rank runs the same number of steps)
+        stream = self._stream(split, self.train_transform, shuffle=True)
         return StreamingDataLoader(stream, batch_size=self.batch_size, num_workers=self.num_workers,
                                    pin_memory=self.pin_memory)
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        """Every image exactly once, in stored order: rank r reads the r-th contiguous slice of the shards.
+
+        litdata's own split of a stream gives each rank whole batches and the last rank the remainder, so a
+        rank can get no batch at all (a 500-image val set, batch 256, 2 GPUs), which Lightning rejects.
+        """
+        dataset = self.dataset(split)
+        world = getattr(self.trainer, "world_size", 1) if self.trainer is not None else 1
+        sampler = None
+        if world > 1 and len(dataset) >= world:
+            sampler = ContiguousShardSampler(dataset, num_replicas=world, rank=self.trainer.global_rank)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
+
+
+class ContiguousShardSampler(DistributedSampler):
+    """Rank r of w reads indices ``[r*n//w, (r+1)*n//w)``: no image twice or dropped, and sequential reads.
+
+    A ``DistributedSampler`` so that Lightning keeps it (it would otherwise shard a custom sampler again).
+    Ranks differ by at most one image, which is safe for evaluation (no gradient synchronisation).
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        n = len(dataset)
+        self.start, self.stop = rank * n // num_replicas, (rank + 1) * n // num_replicas
+        self.num_samples, self.total_size = self.stop - self.start, n
+
+    def __iter__(self):
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return self.num_samples
