@@ -19,6 +19,7 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from lwta_vision.callbacks.checkpoint import LastModelCheckpoint
 from lwta_vision.callbacks.rng import RNGStateCheckpoint
 from lwta_vision.checkpoints import check_resume_checkpoint, read_checkpoint
 from lwta_vision.lit import LitClassifier, NonFiniteLossError
@@ -45,7 +46,8 @@ class LwtaCLI(LightningCLI):
     """
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # last.ckpt = the latest epoch (Lightning 2.6's ModelCheckpoint writes it only with a new best)
+        parser.add_lightning_class_args(LastModelCheckpoint, "checkpoint")
         # RNG states in every checkpoint: epoch-boundary resume continues the same random streams
         parser.add_lightning_class_args(RNGStateCheckpoint, "rng_state")
         parser.set_defaults(

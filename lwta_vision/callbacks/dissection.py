@@ -14,7 +14,7 @@ from lwta_vision.dissect.concepts import load_concept_set
 from lwta_vision.dissect.engine import label_drift
 from lwta_vision.dissect.pipeline import label_records, probe_loader
 from lwta_vision.dissect.probe import ProbeSet
-from lwta_vision.dissect.recording import merge_records, record_activations, resolve_layers
+from lwta_vision.dissect.recording import LayerRecord, merge_records, record_activations, resolve_layers
 from lwta_vision.dissect.report import write_tables
 from lwta_vision.dissect.scorers import GroundTruthScorer, Scorer
 
@@ -199,23 +199,29 @@ def _network(pl_module: L.LightningModule) -> torch.nn.Module:
 
 
 def _gather_records(trainer: L.Trainer, records, num_images: int, top_k: int):
-    """All-gather each rank's shard (padded to equal length) and merge into full-probe records."""
+    """All-gather each rank's shard (padded to equal length, padding marked by image id -1) and merge.
+
+    The win/input counts travel as float64 and the merge sums them, so the rates, the top images (ties go
+    to the smaller image id) and therefore the labels equal those of one process recording the whole probe.
+    """
+    strategy, world = trainer.strategy, trainer.world_size
+    dev = strategy.root_device
+    n_max = -(-num_images // world)
     gathered = {}
     for name, rec in records.items():
-        n_max = -(-num_images // trainer.world_size)
         pad = n_max - rec.pooled.shape[0]
         pooled = torch.cat([rec.pooled, rec.pooled.new_zeros(pad, rec.num_units)])
         ids = torch.cat([rec.image_ids, rec.image_ids.new_full((pad,), -1)])
-        counts = torch.tensor([rec.pooled.shape[0]], dtype=torch.float64)
-        dev = trainer.strategy.root_device
-        g_pooled = trainer.strategy.all_gather(pooled.to(dev)).cpu()
-        g_ids = trainer.strategy.all_gather(ids.to(dev)).cpu()
-        g_win = trainer.strategy.all_gather(rec.win_rate.double().to(dev)).cpu()
-        g_inp = trainer.strategy.all_gather(rec.input_rate.double().to(dev)).cpu()
-        g_n = trainer.strategy.all_gather(counts.to(dev)).cpu()
+        g_pooled = strategy.all_gather(pooled.to(dev)).cpu()
+        g_ids = strategy.all_gather(ids.to(dev)).cpu()
+        g_win = strategy.all_gather(rec.win_count.double().to(dev)).cpu()
+        g_inp = strategy.all_gather(rec.input_count.double().to(dev)).cpu()
         shards = []
-        for r in range(trainer.world_size):
+        for r in range(world):
             keep = g_ids[r] >= 0
-            shards.append((g_pooled[r][keep], g_ids[r][keep], g_win[r], g_inp[r], float(g_n[r])))
-        gathered[name] = merge_records(name, shards, top_k, rec.spatial)
+            n = int(keep.sum())
+            shards.append(LayerRecord(name, g_pooled[r][keep], g_pooled[r][:0], g_ids[r][:0],
+                                      (g_win[r] / max(n * rec.positions, 1)).float(), (g_inp[r] / max(n, 1)).float(),
+                                      rec.spatial, g_ids[r][keep], g_win[r], g_inp[r], rec.positions))
+        gathered[name] = merge_records(shards, top_k)
     return gathered

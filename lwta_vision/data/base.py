@@ -13,12 +13,32 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
 from lwta_vision.dissect.probe import ProbeSet
 
 SPLITS = ("train", "val", "test")
+
+
+def unrepeated_eval_sampler(dataset: Dataset, trainer: Optional["L.Trainer"]) -> Optional[Sampler]:
+    """Under multi-process training, a sampler that gives each rank a disjoint, unpadded slice of an eval split.
+
+    Lightning's default (``DistributedSampler``) pads the split with repeated images until it divides by the
+    number of ranks, so ``val/acc`` under DDP would count some images twice and differ from one process.
+    This one does not repeat; ranks may run one batch more or less, which is safe for evaluation (no gradient
+    sync; DDP syncs buffers on the first batch only, and metrics sync once at the epoch end). ``None``
+    (Lightning's default) on one process, or when the split has fewer images than ranks (every rank must run
+    at least one batch).
+    """
+    world = getattr(trainer, "world_size", 1) if trainer is not None else 1
+    # Trainer(use_distributed_sampler=False): the user shards the data; keep out of it (no public accessor)
+    wanted = getattr(getattr(trainer, "_accelerator_connector", None), "use_distributed_sampler", True)
+    if world <= 1 or not wanted or len(dataset) < world:
+        return None
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+    return UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=trainer.global_rank, shuffle=False)
 
 
 class ArrayImageDataset(Dataset):
@@ -186,8 +206,10 @@ class VisionDataModule(L.LightningDataModule):
         if self._raw is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not run; call prepare_data() and setup() "
                                f"first (the Trainer does this for you)")
-        return DataLoader(self.dataset(split), batch_size=self.batch_size, shuffle=split == "train",
-                          num_workers=self.num_workers, pin_memory=self.pin_memory,
+        dataset = self.dataset(split)
+        sampler = None if split == "train" else unrepeated_eval_sampler(dataset, self.trainer)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=split == "train" and sampler is None,
+                          sampler=sampler, num_workers=self.num_workers, pin_memory=self.pin_memory,
                           persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:

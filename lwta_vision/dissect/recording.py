@@ -88,6 +88,9 @@ class LayerRecord:
             layers, how often the unit wins its block.
         input_rate: [K] fraction of images where the unit is non-zero anywhere.
         spatial: whether the layer outputs spatial maps (N, C, H, W).
+        image_ids: [N] probe index of each row of ``pooled``.
+        win_count, input_count: [K] the float64 counts behind the two rates, and ``positions`` (per image):
+            shards recorded apart (DDP) merge to exactly the rates of one recording.
     """
 
     name: str
@@ -98,6 +101,9 @@ class LayerRecord:
     input_rate: Tensor
     spatial: bool
     image_ids: Optional[Tensor] = None
+    win_count: Optional[Tensor] = None
+    input_count: Optional[Tensor] = None
+    positions: int = 1
 
     @property
     def num_units(self) -> int:
@@ -208,9 +214,7 @@ def record_activations(
                 cand_v = p if name not in top_v else torch.cat([top_v[name], p])
                 cand_i = idx[:, None].expand_as(p) if name not in top_i else torch.cat(
                     [top_i[name], idx[:, None].expand_as(p)])
-                k = min(top_k, cand_v.shape[0])
-                v, order = cand_v.topk(k, dim=0)
-                top_v[name], top_i[name] = v, cand_i.gather(0, order)
+                top_v[name], top_i[name] = top_k_by_value(cand_v, cand_i, top_k)
             n_seen += x.shape[0]
             outputs.clear()
     if n_seen == 0:
@@ -228,8 +232,26 @@ def record_activations(
             input_rate=(inputs_won[name] / n_seen).float(),
             spatial=spatial[name],
             image_ids=image_ids,
+            win_count=wins[name],
+            input_count=inputs_won[name],
+            positions=positions[name],
         )
     return records
+
+
+def top_k_by_value(values: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Per column of ``values`` [N, K], the ``k`` largest values and their image ids ([N, K] or [N]).
+
+    Equal values are ordered by image id (smallest first), so the top images do not depend on the batch
+    order or on how the probe set was sharded (``torch.topk`` leaves the order of ties unspecified).
+    """
+    if ids.ndim == 1:
+        ids = ids[:, None].expand_as(values)
+    k = min(k, values.shape[0])
+    by_id = ids.argsort(dim=0, stable=True)
+    values, ids = values.gather(0, by_id), ids.gather(0, by_id)
+    v, order = values.sort(dim=0, descending=True, stable=True)
+    return v[:k], ids.gather(0, order[:k])
 
 
 def order_by_image(record: LayerRecord, num_images: int) -> Tensor:
@@ -265,19 +287,35 @@ def spatial_maps(
     return torch.cat(maps) if maps else torch.empty(0)
 
 
-def merge_records(name: str, shards: Sequence[tuple], top_k: int, spatial: bool) -> LayerRecord:
-    """Merge per-shard recordings ``(pooled, image_ids, win_rate, input_rate, num_images)`` of one layer.
+def merge_records(shards: Sequence[LayerRecord], top_k: int) -> LayerRecord:
+    """Merge recordings of one layer made on disjoint shards of the probe set (e.g. one per DDP rank).
 
-    Rates are re-weighted by each shard's image count; the top-k is recomputed on the merged matrix, so the
-    result equals a single-process recording of the whole probe set (up to row order).
+    Rows are put in image order, the win and input counts are summed and divided once, and the top-k is
+    recomputed on the merged matrix with the same tie rule as :func:`record_activations`: the result equals
+    a single recording of the whole probe set. The shards' own ``top_values``/``top_indices`` are not used.
     """
-    pooled = torch.cat([s[0] for s in shards])
-    ids = torch.cat([s[1] for s in shards]).long()
+    if not shards:
+        raise ValueError("merge_records needs at least one shard")
+    first = shards[0]
+    pooled = torch.cat([s.pooled for s in shards])
+    ids = torch.cat([s.image_ids if s.image_ids is not None else torch.full((s.pooled.shape[0],), -1)
+                     for s in shards]).long()
+    if (ids < 0).any():
+        raise ValueError("merge_records needs the image_ids of every shard (record with an index loader)")
     order = ids.argsort()
     pooled, ids = pooled[order], ids[order]
-    n = sum(s[4] for s in shards)
-    win = sum(s[2].double() * s[4] for s in shards) / n
-    inp = sum(s[3].double() * s[4] for s in shards) / n
-    k = min(top_k, pooled.shape[0])
-    v, rows = pooled.topk(k, dim=0)
-    return LayerRecord(name, pooled, v, ids[rows], win.float(), inp.float(), spatial, ids)
+    n = pooled.shape[0]
+    win = sum(_counts(s, "win") for s in shards)
+    inp = sum(_counts(s, "input") for s in shards)
+    v, top_ids = top_k_by_value(pooled, ids, top_k)
+    return LayerRecord(first.name, pooled, v, top_ids, (win / (n * first.positions)).float(),
+                       (inp / n).float(), first.spatial, ids, win, inp, first.positions)
+
+
+def _counts(record: LayerRecord, kind: str) -> Tensor:
+    """The float64 counts behind a rate (recomputed from the rate for records made without them)."""
+    count = record.win_count if kind == "win" else record.input_count
+    if count is not None:
+        return count.double()
+    n = record.pooled.shape[0]
+    return (record.win_rate.double() * n * record.positions if kind == "win" else record.input_rate.double() * n)

@@ -7,7 +7,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import Tensor
+from torch import Tensor, nn
+from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lwta_vision.layers import collect_lwta_stats, lwta_modules
@@ -16,6 +17,30 @@ from lwta_vision.models import create_model
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class BatchWeightedMean(Metric):
+    """Mean of per-batch values weighted by batch size, kept as two sums that DDP ranks add up.
+
+    Lightning's own ``self.log(value, sync_dist=True)`` mean divides by an integer average of the ranks' image
+    counts (65 images on 2 ranks: 65 / 2 -> 32), so it is wrong whenever ranks hold unequal numbers of
+    images, as they do here (eval splits are sharded without padding). torchmetrics' ``MeanMetric`` drops its
+    weights with ``nan_strategy="disable"`` and silently removes NaNs otherwise; a NaN loss must show.
+    """
+
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("weight", torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, value, batch_size: int) -> None:
+        self.total += torch.as_tensor(value, dtype=self.total.dtype, device=self.total.device).detach() * batch_size
+        self.weight += batch_size
+
+    def compute(self) -> Tensor:
+        return self.total / self.weight
 
 
 class LitClassifier(L.LightningModule):
@@ -56,6 +81,12 @@ class LitClassifier(L.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes, top_k=1)
         self.test_acc5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes))
         self._has_lwta = bool(lwta_modules(self.model))
+        # eval loss and sparsities as metrics holding sums (exact under DDP: see BatchWeightedMean)
+        self._mean_names = ["loss"]
+        if self._has_lwta:
+            self._mean_names += ["sparsity", *(f"sparsity/{name}" for name in lwta_modules(self.model))]
+        self.eval_means = nn.ModuleDict({stage: nn.ModuleList(BatchWeightedMean() for _ in self._mean_names)
+                                         for stage in ("val", "test")})
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
@@ -76,14 +107,15 @@ class LitClassifier(L.LightningModule):
         if want_kl and stats is not None and stats.kl:
             kl = stats.kl_total()
             loss = loss + self.hparams.kl_weight * kl
-            self.log("train/kl", kl, on_step=True, on_epoch=False)
+            self.log("train/kl", kl, on_step=True, on_epoch=False, sync_dist=True)
         if not torch.isfinite(loss):
             self._raise_non_finite(loss, x)
         self.train_acc(logits, y)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         if stats is not None and stats.nonzero:
-            self.log("train/sparsity", _mean(stats.sparsity.values()), on_step=True, on_epoch=False)
+            self.log("train/sparsity", _mean(stats.sparsity.values()), on_step=True, on_epoch=False,
+                     sync_dist=True)
         return loss
 
     def _raise_non_finite(self, loss: Tensor, x: Tensor) -> None:
@@ -99,18 +131,21 @@ class LitClassifier(L.LightningModule):
 
     def _eval_step(self, batch, stage: str) -> None:
         x, y = batch[0], batch[1]
+        values = {}
         if self._has_lwta:
             with collect_lwta_stats(self.model) as stats:
                 logits = self(x)
-            for name, value in stats.sparsity.items():
-                self.log(f"{stage}/sparsity/{name}", value, on_epoch=True, sync_dist=True)
-            self.log(f"{stage}/sparsity", _mean(stats.sparsity.values()), on_epoch=True, sync_dist=True)
+            values["sparsity"] = _mean(stats.sparsity.values())
+            values.update({f"sparsity/{name}": v for name, v in stats.sparsity.items()})
         else:
             logits = self(x)
+        values["loss"] = self._loss(logits, y)
         acc, acc5 = (self.val_acc, self.val_acc5) if stage == "val" else (self.test_acc, self.test_acc5)
         acc(logits, y)
         acc5(logits, y)
-        self.log(f"{stage}/loss", self._loss(logits, y), prog_bar=stage == "val", sync_dist=True)
+        for name, metric in zip(self._mean_names, self.eval_means[stage]):
+            metric.update(values[name], x.shape[0])
+            self.log(f"{stage}/{name}", metric, prog_bar=stage == "val" and name == "loss")
         self.log(f"{stage}/acc", acc, prog_bar=True)
         self.log(f"{stage}/acc_top5", acc5)
 
