@@ -159,6 +159,18 @@ def test_torchvision_layout_with_meta_bin(tmp_path):
         ImageNetDataModule(str(root), image_size=16, num_workers=0).setup()
 
 
+def test_torchvision_layout_with_a_corrupt_devkit(tmp_path):
+    """Only the devkit (torchvision makes meta.bin from it): a truncated download is one clear error."""
+    root = make_image_folder(tmp_path, per_split=(("train", 1), ("val", 1)))
+    (root / "ILSVRC2012_devkit_t12.tar.gz").write_bytes(b"not the devkit")
+    dm = ImageNetDataModule(str(root), image_size=16, num_workers=0)
+    with pytest.raises(FileNotFoundError) as err:
+        dm.prepare_data()
+    msg = str(err.value)
+    assert "torchvision could not read ImageNet" in msg and "ILSVRC2012_devkit_t12.tar.gz" in msg
+    assert "Download the file again" in msg
+
+
 def test_train_py_fast_dev_run_on_the_imagenet_config(tiny_imagenet, tmp_path):
     cli = cli_main(["fit", "--config", str(CONFIGS / "imagenet_resnet50_lwta.yaml"), *TINY_RUN, *_out(tmp_path),
                     "--data.init_args.data_dir", str(tiny_imagenet), "--trainer.fast_dev_run", "2"])

@@ -24,6 +24,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DOWNLOAD_URL = "https://image-net.org/download-images.php"
 META_FILE = "meta.bin"  # written by torchvision.datasets.ImageNet from the devkit
+DEVKIT_FILE = "ILSVRC2012_devkit_t12.tar.gz"
 IMAGE_EXTENSIONS = datasets.folder.IMG_EXTENSIONS
 
 
@@ -126,6 +127,11 @@ class ImageNetDataModule(VisionDataModule):
     def _has_meta(self) -> bool:
         return os.path.isfile(os.path.join(self.data_dir, META_FILE))
 
+    @property
+    def _torchvision_layout(self) -> bool:
+        """``meta.bin``, or the devkit that torchvision makes it from, is in ``data_dir``."""
+        return any(os.path.isfile(os.path.join(self.data_dir, f)) for f in (META_FILE, DEVKIT_FILE))
+
     def _expected(self) -> str:
         return (f"Expected {os.path.join(self.data_dir, 'train')}/<class>/*.JPEG and "
                 f"{os.path.join(self.data_dir, 'val')}/<class>/*.JPEG (one folder per class, e.g. n01440764/), "
@@ -140,7 +146,8 @@ class ImageNetDataModule(VisionDataModule):
         for split in ("train", "val"):
             if os.path.isdir(os.path.join(self.data_dir, split)):
                 continue
-            if self._has_meta and os.path.isfile(os.path.join(self.data_dir, f"ILSVRC2012_img_{split}.tar")):
+            archive = os.path.join(self.data_dir, f"ILSVRC2012_img_{split}.tar")
+            if self._torchvision_layout and os.path.isfile(archive):
                 continue  # torchvision unpacks it in prepare_data
             hint = (" The official validation archive is flat (50,000 files, no class folders): unpack it with "
                     "torchvision.datasets.ImageNet(root, split='val') and the devkit, or sort it into class "
@@ -170,15 +177,16 @@ class ImageNetDataModule(VisionDataModule):
     def prepare_data(self) -> None:
         """Check the layout; with torchvision's layout, unpack missing splits from the archives (rank 0)."""
         self._check_splits()
-        for split in ("train", "val"):
-            if not os.path.isdir(os.path.join(self.data_dir, split)):
-                self._open(split)  # only reached with meta.bin and the archive: torchvision unpacks it
+        if self._torchvision_layout:
+            for split in ("train", "val"):  # torchvision writes meta.bin and unpacks a split's archive if needed
+                if not os.path.isdir(os.path.join(self.data_dir, split)) or not self._has_meta:
+                    self._open(split)
         self._check_classes()
 
     def _open(self, split: str) -> Dataset:
         split_dir = os.path.join(self.data_dir, split)
         try:
-            if self._has_meta:
+            if self._torchvision_layout:
                 return datasets.ImageNet(self.data_dir, split=split)
             return datasets.ImageFolder(split_dir)
         except FileNotFoundError as e:  # ImageFolder: a class folder (or every one) holds no image
@@ -189,9 +197,10 @@ class ImageNetDataModule(VisionDataModule):
                 f"ImageNet {split} split {split_dir!r} {what}; expected image files "
                 f"({', '.join(IMAGE_EXTENSIONS)}) in every class folder. Remove the empty folders from both "
                 f"train/ and val/, or fill them") from e
-        except RuntimeError as e:  # torchvision.datasets.ImageNet: a corrupt meta.bin or a missing archive
-            raise FileNotFoundError(f"torchvision could not read ImageNet in {self.data_dir!r}: {e}. Remove "
-                                    f"{META_FILE} to read the ImageFolder layout instead. {self._expected()}.") from e
+        except RuntimeError as e:  # torchvision.datasets.ImageNet: a corrupt meta.bin, devkit or archive
+            raise FileNotFoundError(f"torchvision could not read ImageNet in {self.data_dir!r}: {e} Download the "
+                                    f"file again, or remove {META_FILE} and {DEVKIT_FILE} to read the ImageFolder "
+                                    f"layout instead. {self._expected()}.") from e
 
     def _load_raw_splits(self) -> dict[str, Dataset]:
         self._check_splits()
