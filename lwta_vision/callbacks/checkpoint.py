@@ -11,7 +11,9 @@ class LastModelCheckpoint(ModelCheckpoint):
     saved too: once ``val/acc`` stops improving, ``last.ckpt`` is a copy of the best checkpoint, and resuming
     from it (``--ckpt_path last.ckpt``, or a SLURM requeue) silently goes back to that epoch. This subclass also
     writes ``last.ckpt`` at every other save point (each validation end, or each training epoch end without
-    validation). Everything else, including the configuration keys, is ModelCheckpoint's.
+    validation), and writes nothing in ``fast_dev_run`` (Lightning 2.6 writes ``last.ckpt`` at the end of a
+    fast_dev_run although it reports checkpointing as suppressed). Everything else, including the
+    configuration keys, is ModelCheckpoint's.
     """
 
     @property
@@ -27,6 +29,10 @@ class LastModelCheckpoint(ModelCheckpoint):
     def on_validation_end(self, trainer, pl_module) -> None:
         super().on_validation_end(trainer, pl_module)
         self._save_last_if_missed(trainer, at_train_epoch_end=False)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if not trainer.fast_dev_run:
+            super().on_train_end(trainer, pl_module)
 
     def _save_last_if_missed(self, trainer, at_train_epoch_end: bool) -> None:
         # skipped when a checkpoint (top-k and last) was already written at this step, outside fit, in

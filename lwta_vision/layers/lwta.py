@@ -5,6 +5,11 @@ block the units' own values are the logits of a categorical over "who wins"; exa
 passes its value through (it may be negative), the others output zero. Training samples the winner with
 the Gumbel-softmax relaxation (straight-through hard one-hot by default); evaluation either samples
 ("sample", as DISCOVER's code does) or takes the argmax (deterministic, our default).
+
+Mixed precision: under bf16/fp16 (autocast or half inputs) the competition itself (noise, relaxed softmax, the
+winner) is computed in float32, and only the output, ``x`` times the one-hot winner, has the input's dtype.
+Adding Gumbel noise in bf16 (8 significant bits) would round nearby noisy logits to ties and hand those blocks
+to the first unit.
 """
 from __future__ import annotations
 
@@ -37,19 +42,26 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(2, n + 1) if n % d == 0]
 
 
+def _competition_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half/bfloat16 inputs (and float32), float64 for float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _gumbel_like(x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
-    """Gumbel(0, 1) noise as -log(-log(U)), computed in float32 whatever the dtype of ``x``.
+    """Gumbel(0, 1) noise as -log(-log(U)), in the competition dtype (at least float32) of ``x``.
 
     Uniform draws plus two logs are about twice as fast on a CPU as ``exponential_``. U is clamped to
     [tiny, 1): -log(U) is then finite and > 0, so the noise is always finite (no inf/NaN in bf16/fp16).
     """
     u = torch.rand(x.shape, device=x.device, dtype=torch.float32, generator=generator)
     g = u.clamp_min_(torch.finfo(torch.float32).tiny).log_().neg_().log_().neg_()
-    return g.to(x.dtype)
+    return g.to(_competition_dtype(x.dtype))
 
 
 class _HardST(torch.autograd.Function):
     """Straight-through hard sample: value ``x * hard``, gradient of ``x * softmax(z)``.
+
+    ``z`` may be float32 while ``x`` is bf16/fp16: the softmax and the gradient w.r.t. ``z`` stay float32.
 
     Same gradients as autograd on ``x * (hard - soft.detach() + soft)``, written out so the softmax is not
     kept in the autograd graph: fewer saved tensors and elementwise kernels, which dominate an LWTA layer's
@@ -70,19 +82,20 @@ class _HardST(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, soft, hard = ctx.saved_tensors
-        g_soft = grad * x
+        g_soft = grad.to(soft.dtype) * x.to(soft.dtype)
         g_z = g_soft.sub_((g_soft * soft).sum(ctx.axis, keepdim=True)).mul_(soft)
         return grad * hard, g_z, None
 
 
 class _PairST(torch.autograd.Function):
     """U = 2 fast path: unit 0 wins iff h0 - h1 + L > 0, L ~ Logistic(0, 1) (the difference of two Gumbels),
-    so one random number per block replaces two and the softmax becomes a sigmoid."""
+    so one random number per block replaces two and the softmax becomes a sigmoid. The comparison and the
+    sigmoid run in the dtype of ``noise`` (at least float32)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, noise: Tensor, axis: int, inv_tau: float):
         with torch.no_grad():
-            h0, h1 = x.select(axis, 0), x.select(axis, 1)
+            h0, h1 = x.select(axis, 0).to(noise.dtype), x.select(axis, 1).to(noise.dtype)
             s = (h0 - h1).add_(noise)
             win0 = (s > 0).unsqueeze(axis)
             hard = torch.cat([win0, ~win0], dim=axis)
@@ -95,9 +108,9 @@ class _PairST(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         x, soft0, hard = ctx.saved_tensors
         axis = ctx.axis
-        gx = grad * x
+        gx = grad.to(soft0.dtype) * x.to(soft0.dtype)
         c = (gx.select(axis, 0) - gx.select(axis, 1)).mul_(soft0 * (1 - soft0)).mul_(ctx.inv_tau).unsqueeze(axis)
-        return grad * hard + torch.cat([c, -c], dim=axis), None, None, None
+        return (grad * hard + torch.cat([c, -c], dim=axis)).to(x.dtype), None, None, None
 
 
 def _max_mask(z: Tensor, zmax: Tensor, axis: int) -> Tensor:
@@ -118,7 +131,7 @@ def _max_mask(z: Tensor, zmax: Tensor, axis: int) -> Tensor:
 def _logistic_like(x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
     u = torch.rand(x.shape, device=x.device, dtype=torch.float32, generator=generator)
     u.clamp_(1e-7, 1 - 1e-7)  # keeps log finite; noise is bounded at |L| <= 16
-    return u.div_(1 - u).log_().to(x.dtype)
+    return u.div_(1 - u).log_().to(_competition_dtype(x.dtype))
 
 
 def lwta(
@@ -144,6 +157,8 @@ def lwta(
         eval_mode: "argmax" (deterministic winner = largest value) or "sample" (stochastic, as in the
             DISCOVER reference code).
         generator: optional RNG for the Gumbel noise (reproducible sampling).
+
+    Returns a tensor of ``x``'s shape and dtype; the noisy competition runs in at least float32.
     """
     if competitors == 1:
         return x
@@ -153,14 +168,16 @@ def lwta(
     if not training:
         if eval_mode not in EVAL_MODES:
             raise ValueError(f"LWTA eval_mode must be one of {EVAL_MODES}, got {eval_mode!r}")
-        logits = blocks if eval_mode == "argmax" else blocks + _gumbel_like(blocks, generator)
+        # argmax compares the values themselves (exact in any dtype); sampling adds noise in float32
+        logits = blocks if eval_mode == "argmax" else blocks.to(_competition_dtype(x.dtype)) + _gumbel_like(
+            blocks, generator)
         return (blocks * _max_mask(logits, logits.amax(axis, keepdim=True), axis)).reshape(x.shape)
     if hard and competitors == 2:
         noise = _logistic_like(blocks.select(axis, 0), generator)
         return _PairST.apply(blocks, noise, axis, 1.0 / temperature).reshape(x.shape)
-    z = (blocks + _gumbel_like(blocks, generator)) / temperature
+    z = (blocks.to(_competition_dtype(x.dtype)) + _gumbel_like(blocks, generator)) / temperature
     if not hard:
-        return (blocks * torch.softmax(z, dim=axis)).reshape(x.shape)
+        return (blocks * torch.softmax(z, dim=axis).to(x.dtype)).reshape(x.shape)
     if torch.is_grad_enabled() and x.requires_grad:
         return _HardST.apply(blocks, z, axis).reshape(x.shape)
     return (blocks * _max_mask(z, z.amax(axis, keepdim=True), axis)).reshape(x.shape)
