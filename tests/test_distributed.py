@@ -6,9 +6,14 @@ One 2-process run of 2 epochs (keeping every epoch's checkpoint) serves three ch
   weights, same probe set of 65 images: an odd count, so the shards are uneven);
 - a 2-process run resumed from its epoch-0 checkpoint ends with bit-identical weights (per-rank RNG states);
 - its ``last.ckpt`` is the last epoch, not the best one.
+
+The SLURM and torchrun examples are checked here too: their train.py arguments parse and build.
 """
 import csv
 import os
+import re
+import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 
 from lwta_vision.cli import cli_main
 
@@ -203,3 +209,92 @@ def test_rank_streams_differ_and_rank_0_keeps_its_stream():
     assert torch.equal(draws(1, 0), draws(2, 0))
     assert not torch.equal(draws(2, 0), draws(2, 1))
     assert torch.equal(draws(2, 1), draws(4, 1))  # a function of (seed, rank) only
+
+
+# -- the cluster examples cannot rot: their train.py arguments go through the CLI ------------------------------
+SBATCH = ROOT / "examples" / "slurm" / "train_multinode.sbatch"
+FAKE_SLURM = {"SLURM_JOB_ID": "4242", "SLURM_CPUS_PER_TASK": "8", "SLURM_NTASKS": "8", "SLURM_NTASKS_PER_NODE": "4",
+              "SLURM_NNODES": "2", "SLURM_NODELIST": "gpu[01-02]", "SLURM_JOB_NAME": "lwta-train",
+              "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
+
+
+def _sbatch_directives(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("#SBATCH --"):
+            key, _, value = line[len("#SBATCH --"):].partition("=")
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _srun_argv(text: str) -> list[str]:
+    """The srun command line as the job's shell expands it (the script's variable assignments, SLURM's env)."""
+    joined = text.replace("\\\n", " ")
+    assignments = [ln for ln in joined.splitlines() if re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", ln)]
+    srun = [ln for ln in joined.splitlines() if ln.startswith("srun ")]
+    assert len(srun) == 1, "the script should have exactly one srun line"
+    program = "\n".join(['srun() { printf "%s\\0" "$@"; }', "set -u", *assignments, srun[0]])
+    env = {"PATH": os.environ["PATH"], **FAKE_SLURM}
+    out = subprocess.run(["bash", "-c", program], env=env, capture_output=True, text=True, check=True).stdout
+    return out.split("\0")[:-1]
+
+
+def test_slurm_example_arguments_build_a_slurm_trainer(tmp_path, monkeypatch, capsys):
+    text = SBATCH.read_text()
+    sbatch = _sbatch_directives(text)
+    assert sbatch["nodes"] == "2" and sbatch["ntasks-per-node"] == "4" and sbatch["gres"] == "gpu:4"
+    assert sbatch["signal"] == "SIGUSR1@90" and "requeue" in sbatch and int(sbatch["cpus-per-task"]) > 0
+    argv = _srun_argv(text)
+    assert argv[:3] == ["python", "train.py", "fit"]
+    args = argv[2:]
+    opt = {a: b for a, b in zip(args, args[1:]) if a.startswith("--")}
+    assert opt["--trainer.num_nodes"] == sbatch["nodes"] and opt["--trainer.devices"] == sbatch["ntasks-per-node"]
+    assert opt["--trainer.strategy"] == "ddp" and opt["--data.init_args.num_workers"] == "8"
+    # the run folder survives a requeue: named after the job id, and the logger writes into it
+    run_dir = Path(opt["--trainer.default_root_dir"])
+    assert run_dir == Path(opt["--trainer.logger.init_args.save_dir"]) / opt["--trainer.logger.init_args.name"] \
+        / opt["--trainer.logger.init_args.version"] and "4242" in run_dir.name
+    assert (ROOT / opt["--config"]).is_file()
+
+    # every argument is accepted by train.py's parser (names, types), as the script passes it
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([*args, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["num_nodes"] == 2 and str(printed["trainer"]["devices"]) == "4"  # devices: int | str
+    assert printed["data"]["init_args"]["batch_size"] == 32
+
+    # and build: model, data and a Trainer that detects SLURM with matching nodes x tasks (only the GPU
+    # accelerator and the output folders are swapped for this machine)
+    for key, value in FAKE_SLURM.items():
+        monkeypatch.setenv(key, value)
+    local = [*args[1:], "--trainer.accelerator", "cpu",  # run=False: no subcommand "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+             "--trainer.default_root_dir", str(tmp_path / run_dir)]
+    cli = cli_main(local, run=False)
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    env = cli.trainer.strategy.cluster_environment
+    assert isinstance(env, SLURMEnvironment) and env.auto_requeue and env.requeue_signal == signal.SIGUSR1
+    assert cli.trainer.num_nodes == 2 and cli.trainer.num_devices == 4 and cli.trainer.world_size == 8
+    assert cli.datamodule.batch_size == 32 and cli.model.hparams.model == "resnet50"
+
+
+def test_readme_torchrun_commands_parse(monkeypatch, capsys):
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Multi-GPU and clusters", 1)[1].split("\n## ", 1)[0]
+    commands = [c for c in section.replace("\\\n", " ").splitlines() if c.startswith("torchrun ")]
+    assert len(commands) == 2
+    monkeypatch.chdir(ROOT)
+    for command in commands:
+        argv = shlex.split(command)
+        args = argv[argv.index("train.py") + 1:]
+        opt = {a: b for a, b in zip(args, args[1:]) if a.startswith("--")}
+        tr = {a: b for a, b in zip(argv, argv[1:]) if a.startswith("--")}
+        assert opt["--trainer.devices"] == tr["--nproc_per_node"]
+        assert opt.get("--trainer.num_nodes", "1") == tr.get("--nnodes", "1")
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main([*args, "--print_config"])
+        assert exit_info.value.code in (0, None)
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert printed["trainer"]["strategy"] == "ddp"
