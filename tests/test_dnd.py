@@ -308,3 +308,29 @@ def test_dnd_bad_inputs(argv, match, trained_run, tiny_models, fake_server, tmp_
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert match in err and "Traceback" not in err
+
+
+def test_describe_layer_is_the_same_in_unit_chunks_and_crops_are_scored_by_the_unit(trained_run):  # noqa: F811
+    from lwta_vision.checkpoints import load_network
+    from lwta_vision.dissect.dnd import describe_layer, layer_activations
+    from lwta_vision.dissect.generative import GeneratedConceptImages, caption_concepts
+    from lwta_vision.dissect.pipeline import record_probe
+    from lwta_vision.dissect_cli import _instantiate, _run_config
+
+    net, _ = load_network(str(trained_run))
+    probe = _instantiate(_run_config(str(trained_run))["data"]).probe_set("val").first(48)
+    rec = record_probe(net, ["layer3"], probe, top_k=4)["layer3"]
+    kw = dict(captioner=GroundTruthCaptioner(probe.dataset), summarizer=None,
+              concept_images=GeneratedConceptImages(image_size=32, pool_size=200),
+              units=[0, 1, 2, 3, 4], top_images=4, keep_images=6, num_concept_images=3,
+              candidates_fn=caption_concepts(probe.dataset.concept_names))
+    whole = describe_layer(net, "layer3", probe, rec, unit_chunk=64, **kw)
+    chunked = describe_layer(net, "layer3", probe, rec, unit_chunk=2, **kw)
+    assert [(d.label, d.candidates, [e.box for e in d.exemplars]) for d in whole] == \
+           [(d.label, d.candidates, [e.box for e in d.exemplars]) for d in chunked]
+    crops = [(d.unit, e) for d in whole for e in d.exemplars if e.box is not None]
+    assert crops
+    acts = layer_activations(net, "layer3", [e.image for _, e in crops], probe.transform)
+    assert all(abs(float(acts[k, u]) - e.activation) < 1e-5 for k, (u, e) in enumerate(crops))
+    for d in whole:  # kept exemplars are sorted by activation, each unit's own
+        assert [e.activation for e in d.exemplars] == sorted((e.activation for e in d.exemplars), reverse=True)

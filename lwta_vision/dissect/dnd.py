@@ -418,19 +418,24 @@ def describe_layer(
     device: Optional[torch.device] = None,
     batch_size: int = 64,
     progress: bool = False,
+    unit_chunk: int = 64,
 ) -> list[UnitDescription]:
     """Describe-and-Dissect for ``units`` of one layer (default: every unit that won on the probe set).
 
     ``candidates_fn(unit, captioned exemplars)`` replaces the summariser when given (e.g. to measure the
-    selection stage alone). Units that never won are reported inactive without running the models.
+    selection stage alone). Units that never won are reported inactive without running the models. Stage 1
+    runs ``unit_chunk`` units at a time, so memory does not grow with the layer's width.
     """
     all_units = list(range(record.num_units)) if units is None else [int(u) for u in units]
     bad = [u for u in all_units if not 0 <= u < record.num_units]
     if bad:
         raise ValueError(f"units {bad} out of range: layer {layer!r} has {record.num_units} units (0..{record.num_units - 1})")
     active = [u for u in all_units if bool(record.active[u])]
-    exemplars = attention_exemplars(model, layer, probe, record, active, top_images, keep_images, max_crops,
-                                    pooling, token_pooling, device, batch_size)
+    exemplars: dict[int, list[Exemplar]] = {}
+    for start in range(0, len(active), unit_chunk):  # bounded memory: maps and crops of a chunk at a time
+        exemplars.update(attention_exemplars(model, layer, probe, record, active[start:start + unit_chunk],
+                                             top_images, keep_images, max_crops, pooling, token_pooling, device,
+                                             batch_size))
     it = all_units
     if progress:
         from tqdm.auto import tqdm
