@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from lwta_vision.data.generated import ShapesConceptDataset
-from lwta_vision.dissect.dnd import (Exemplar, ProbeRetriever, attention_boxes, box_iou, candidate_concepts,
+from lwta_vision.dissect.dnd import (Exemplar, ProbeRetriever, attention_boxes, candidate_concepts,
                                      clean_concept, connected_components, otsu_threshold, rank_scores,
                                      select_concepts)
 from lwta_vision.dissect.generative import (DiffusersGenerator, GroundTruthCaptioner, HFCaptioner, HFSummarizer,
@@ -334,3 +334,22 @@ def test_describe_layer_is_the_same_in_unit_chunks_and_crops_are_scored_by_the_u
     assert all(abs(float(acts[k, u]) - e.activation) < 1e-5 for k, (u, e) in enumerate(crops))
     for d in whole:  # kept exemplars are sorted by activation, each unit's own
         assert [e.activation for e in d.exemplars] == sorted((e.activation for e in d.exemplars), reverse=True)
+
+
+def test_retrieved_images_reuse_recorded_activations_with_the_same_result(trained_run):  # noqa: F811
+    from lwta_vision.checkpoints import load_network
+    from lwta_vision.dissect.dnd import describe_layer
+    from lwta_vision.dissect.generative import caption_concepts
+    from lwta_vision.dissect.pipeline import record_probe
+    from lwta_vision.dissect_cli import _instantiate, _run_config
+
+    net, _ = load_network(str(trained_run))
+    probe = _instantiate(_run_config(str(trained_run))["data"]).probe_set("val").first(48)
+    rec = record_probe(net, ["fc"], probe, top_k=4)["fc"]
+    retriever = ProbeRetriever(GroundTruthScorer.from_dataset(probe.dataset), probe)
+    kw = dict(captioner=GroundTruthCaptioner(probe.dataset), summarizer=None, top_images=4, keep_images=4,
+              num_concept_images=3, candidates_fn=caption_concepts(probe.dataset.concept_names))
+    reused = describe_layer(net, "fc", probe, rec, concept_images=retriever, **kw)  # activations from the record
+    recomputed = describe_layer(net, "fc", probe, rec, concept_images=lambda *a, **k: retriever(*a, **k), **kw)
+    pairs = [(s.concept, s.rank_score) for d in reused for s in d.selection]
+    assert pairs and pairs == [(s.concept, s.rank_score) for d in recomputed for s in d.selection]

@@ -76,7 +76,20 @@ def class_folders(split_dir: str) -> list[str]:
         return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
 
 
-class ImageNetDataModule(VisionDataModule):
+class ImageNetPipelines:
+    """The standard ImageNet train/eval pipelines for a VisionDataModule with ``image_size`` and ``resize``
+    (shared by the folder and the streaming data modules)."""
+
+    @property
+    def eval_transform(self) -> Callable:
+        """Resize the shorter side to ``resize``, center-crop ``image_size``, normalise."""
+        return imagenet_eval_transform(self.image_size, self.resize, self.mean, self.std)
+
+    def _augmentation(self) -> list[Callable]:
+        return imagenet_augmentation(self.image_size)
+
+
+class ImageNetDataModule(ImageNetPipelines, VisionDataModule):
     """ImageNet-1k (or any ImageFolder): ``train/`` for training, ``val/`` for validation and test.
 
     Layouts, detected from ``data_dir``:
@@ -112,15 +125,6 @@ class ImageNetDataModule(VisionDataModule):
         self.folder_names = class_folders(train_dir) if os.path.isdir(train_dir) else list(imagenet_wnids())
         self.class_names = readable_class_names(self.folder_names)
         self.num_classes = len(self.class_names)
-
-    # ------------------------------------------------------------------------------------- transforms
-    @property
-    def eval_transform(self) -> Callable:
-        """Resize the shorter side to ``resize``, center-crop ``image_size``, normalise."""
-        return imagenet_eval_transform(self.image_size, self.resize, self.mean, self.std)
-
-    def _augmentation(self) -> list[Callable]:
-        return imagenet_augmentation(self.image_size)
 
     # ----------------------------------------------------------------------------------------- layout
     @property

@@ -21,10 +21,9 @@ from lwta_vision.data.base import VisionDataModule
 from lwta_vision.data.imagenet import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    ImageNetPipelines,
     eval_resize,
-    imagenet_augmentation,
     imagenet_class_names,
-    imagenet_eval_transform,
     imagenet_wnids,
 )
 from lwta_vision.data.shards import CLASSES_FILE, read_classes_file, require_litdata
@@ -72,7 +71,7 @@ class ShardImages(Dataset):
         return self.stream[int(i)]
 
 
-class StreamingImageDataModule(VisionDataModule):
+class StreamingImageDataModule(ImageNetPipelines, VisionDataModule):
     """Image classification from litdata shards: ``<data_dir>/train/`` and ``<data_dir>/val/``.
 
     Write the shards with ``python -m lwta_vision.data.shards --src /data/imagenet --dst <data_dir>``; each
@@ -117,15 +116,6 @@ class StreamingImageDataModule(VisionDataModule):
         except (OSError, ValueError):  # reported by setup(), where the Trainer shows it
             self.folder_names, self.class_names = list(imagenet_wnids()), list(imagenet_class_names())
         self.num_classes = len(self.class_names)
-
-    # ------------------------------------------------------------------------------------- transforms
-    @property
-    def eval_transform(self) -> Callable:
-        """Resize the shorter side to ``resize``, center-crop ``image_size``, normalise."""
-        return imagenet_eval_transform(self.image_size, self.resize, self.mean, self.std)
-
-    def _augmentation(self) -> list[Callable]:
-        return imagenet_augmentation(self.image_size)
 
     # -------------------------------------------------------------------------------------- the shards
     def _not_found(self, split: str, why: str) -> FileNotFoundError:

@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from lwta_vision.dissect.engine import LayerLabels, NeuronRow
 from lwta_vision.dissect.probe import ProbeSet
-from lwta_vision.dissect.recording import LayerRecord, capture, eval_mode, pool_output, spatial_maps
+from lwta_vision.dissect.recording import LayerRecord, order_by_image, record_activations, spatial_maps
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, end exclusive
 
@@ -132,18 +132,6 @@ class Exemplar:
     caption: str = ""
 
 
-class _Images(Dataset):
-    def __init__(self, images: Sequence[Image.Image], transform: Callable, grayscale: bool):
-        self.images, self.transform, self.grayscale = images, transform, grayscale
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        img = self.images[i].convert("L") if self.grayscale else self.images[i].convert("RGB")
-        return self.transform(img)
-
-
 def layer_activations(
     model: nn.Module,
     layer: str,
@@ -158,14 +146,9 @@ def layer_activations(
     """Pooled activations ``[len(images), K]`` of one layer on arbitrary PIL images (crops, generated)."""
     if not images:
         return torch.empty(0)
-    device = device or next(model.parameters()).device
-    out = []
-    loader = DataLoader(_Images(images, transform, grayscale), batch_size=batch_size, shuffle=False)
-    with torch.no_grad(), eval_mode(model), capture(model, [layer]) as outputs:
-        for x in loader:
-            model(x.to(device))
-            out.append(pool_output(outputs[layer], pooling, token_pooling).float().cpu())
-    return torch.cat(out)
+    loader = DataLoader(ProbeSet(list(images), transform, "transient", grayscale).network_dataset(),
+                        batch_size=batch_size, shuffle=False)
+    return record_activations(model, [layer], loader, pooling, token_pooling, top_k=1, device=device)[layer].pooled
 
 
 def attention_exemplars(
@@ -301,7 +284,8 @@ class ProbeRetriever:
         sim = self.scorer.similarity(self.pool, words).float().prod(1) ** (1 / len(words))
         return torch.where(sim > 0, sim, torch.tensor(-float("inf")))  # absent: never retrieved
 
-    def __call__(self, concept: str, n: int, seed: int, exclude: Sequence[int] = ()) -> list[Image.Image]:
+    def indices(self, concept: str, n: int, seed: int, exclude: Sequence[int] = ()) -> list[int]:
+        """Pool indices of the ``n`` images most similar to ``concept`` (see the class docstring)."""
         sim = self._similarity(concept)
         if sim is None:
             return []
@@ -311,8 +295,10 @@ class ProbeRetriever:
         # ties (e.g. ground-truth presence) are broken by a seeded random order, not by the pool's order
         g = torch.Generator().manual_seed(seed)
         jitter = torch.rand(sim.shape, generator=g) * 1e-6
-        idx = (sim + jitter).topk(n).indices.tolist()
-        return [self.pool.raw(i) for i in idx]
+        return (sim + jitter).topk(n).indices.tolist()
+
+    def __call__(self, concept: str, n: int, seed: int, exclude: Sequence[int] = ()) -> list[Image.Image]:
+        return [self.pool.raw(i) for i in self.indices(concept, n, seed, exclude)]
 
 
 def rank_scores(real: Tensor, candidates: Sequence[Tensor], beta: int = 5) -> Tensor:
@@ -436,6 +422,9 @@ def describe_layer(
         exemplars.update(attention_exemplars(model, layer, probe, record, active[start:start + unit_chunk],
                                              top_images, keep_images, max_crops, pooling, token_pooling, device,
                                              batch_size))
+    recorded = None
+    if isinstance(concept_images, ProbeRetriever) and concept_images.pool is probe:
+        recorded = order_by_image(record, len(probe))  # [N, K], row i = probe image i
     it = all_units
     if progress:
         from tqdm.auto import tqdm
@@ -461,11 +450,17 @@ def describe_layer(
             continue
         real_acts = torch.tensor([e.activation for e in ex])
         own = sorted({e.source for e in ex})
-        imgs = [concept_images(c, num_concept_images, useed + j, exclude=own) for j, c in enumerate(d.candidates)]
+        if recorded is not None:  # images retrieved from the recorded probe set: their activations are known
+            idx = [concept_images.indices(c, num_concept_images, useed + j, own) for j, c in enumerate(d.candidates)]
+            imgs = [[probe.raw(i) for i in group] for group in idx]
+            acts = recorded[[i for group in idx for i in group], u]
+        else:
+            imgs = [concept_images(c, num_concept_images, useed + j, exclude=own) for j, c in enumerate(d.candidates)]
         flat = [im for group in imgs for im in group]
-        acts = layer_activations(model, layer, flat, probe.transform, probe.grayscale, pooling, token_pooling,
-                                 device, batch_size)
-        acts = acts[:, u] if flat else torch.empty(0)
+        if recorded is None:
+            acts = layer_activations(model, layer, flat, probe.transform, probe.grayscale, pooling, token_pooling,
+                                     device, batch_size)
+            acts = acts[:, u] if flat else torch.empty(0)
         sizes = [len(g) for g in imgs]
         concept_acts = list(torch.split(acts, sizes)) if flat else [torch.empty(0) for _ in sizes]
         real_emb = concept_embs = None

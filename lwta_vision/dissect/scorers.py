@@ -263,12 +263,12 @@ class CLIPScorer(Scorer):
 
     # ------------------------------------------------------------------ encoders
     @torch.no_grad()
-    def _encode_images(self, probe: ProbeSet) -> Tensor:
+    def _encode_images(self, probe: ProbeSet, progress: Optional[bool] = None) -> Tensor:
         from torch.utils.data import DataLoader
 
         loader = DataLoader(probe.with_transform(self.preprocess), batch_size=self.batch_size, shuffle=False,
                             num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
-        if self.progress:
+        if self.progress if progress is None else progress:
             from tqdm.auto import tqdm
 
             loader = tqdm(loader, desc=f"CLIP images ({probe.name})", unit="batch")
@@ -313,13 +313,9 @@ class CLIPScorer(Scorer):
     @torch.no_grad()
     def encode_pil(self, images: Sequence[Any]) -> Tensor:
         """L2-normalised fp32 embeddings [n, d] of transient PIL images (crops, generated images); not cached."""
-        out = []
-        for i in range(0, len(images), self.batch_size):
-            x = torch.stack([self.preprocess(im.convert("RGB")) for im in images[i:i + self.batch_size]])
-            with self._autocast():
-                emb = self.model.encode_image(x.to(self.device))
-            out.append(torch.nn.functional.normalize(emb.float(), dim=-1).cpu())
-        return torch.cat(out) if out else torch.empty(0)
+        if not images:
+            return torch.empty(0)
+        return self._encode_images(ProbeSet(list(images), transform=None, name="transient"), progress=False)
 
     def encode_text(self, texts: Sequence[str]) -> Tensor:
         """L2-normalised fp32 embeddings [m, d] of transient texts (e.g. DnD candidates); not cached."""
