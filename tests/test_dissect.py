@@ -10,8 +10,8 @@ from torch import nn
 
 from lwta_vision.cli import cli_main
 from lwta_vision.dissect.engine import label_layer
-from lwta_vision.dissect.recording import (LayerNotFoundError, merge_records, pool_output, record_activations,
-                                           resolve_layers)
+from lwta_vision.dissect.recording import (LayerNotFoundError, expose_log_softmax, merge_records, pool_output,
+                                           record_activations, resolve_layers)
 from lwta_vision.dissect_cli import main as dissect_main
 from lwta_vision.layers import LWTA
 
@@ -72,6 +72,26 @@ def test_sharded_recording_merges_to_the_single_process_result():
 def test_unknown_layer_lists_close_names():
     with pytest.raises(LayerNotFoundError, match=r"'acts' not found.*closest: act"):
         resolve_layers(Tiny(), ["acts"])
+
+
+def test_log_softmax_is_recorded_without_changing_the_model():
+    model = Tiny().eval()
+    loader, x = _loader(20, 6)
+    with torch.no_grad():
+        logits = model(x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(LayerNotFoundError, match="dissect.py only"):
+        resolve_layers(model, ["log_softmax"])
+    assert expose_log_softmax(expose_log_softmax(model)) is model  # a second call adds nothing
+    assert len(model._forward_hooks) == 1 and model.state_dict().keys() == state.keys()
+    with torch.no_grad():
+        assert torch.equal(model(x), logits)  # the output is still the logits
+    rec = record_activations(model, ["fc", "log_softmax"], loader, top_k=3)
+    assert torch.allclose(rec["fc"].pooled, logits, atol=1e-6)
+    assert torch.allclose(rec["log_softmax"].pooled, logits.log_softmax(1), atol=1e-6)
+    conv = nn.Sequential(nn.Conv2d(3, 2, 1))
+    with pytest.raises(ValueError, match=r"\[batch, classes\]"):
+        expose_log_softmax(conv)(x)
 
 
 def test_pooling_modes():
@@ -159,6 +179,9 @@ def test_evaluate_and_explain(trained_run, tmp_path, capsys):
                             "--output", str(tmp_path / "m.json")])
     assert set(metrics) >= {"top1", "top5", "cos"} and 0 <= metrics["top1"] <= 1
     assert json.loads((tmp_path / "m.json").read_text())["layer"] == "fc"
+    logp = dissect_main(["evaluate", "--checkpoint", str(trained_run), "--max_images", "96", "--device", "cpu",
+                         "--layer", "log_softmax", "--sentence_model", "null"])
+    assert logp["layer"] == "log_softmax" and logp["num_units"] == metrics["num_units"]
     out = tmp_path / "labels"
     dissect_main(["describe", "--checkpoint", str(trained_run), "--layers", "[layer3, fc]", "--max_images", "64",
                   "--output_dir", str(out), "--device", "cpu", "--html", "false"])

@@ -24,8 +24,38 @@ class LayerNotFoundError(ValueError):
     pass
 
 
+LOG_SOFTMAX = "log_softmax"
+
+
+def expose_log_softmax(model: nn.Module) -> nn.Module:
+    """Add the class log-probabilities as a dissectable layer named ``log_softmax`` (in place; returns model).
+
+    Why: a logit means something only relative to the other logits of the same image, yet dissection compares
+    one unit's values across images, so a class logit can rank another class's images above its own
+    (RESULTS.md §3). A log-probability compares within the image. It runs in a forward hook whose result is
+    recorded and discarded: the model's output, parameters and state dict are unchanged. A model that already has a
+    ``log_softmax`` child is returned as is.
+    """
+    if LOG_SOFTMAX in dict(model.named_children()):
+        return model
+    head = nn.LogSoftmax(dim=1)
+    model.add_module(LOG_SOFTMAX, head)
+
+    def run_head(module: nn.Module, args, out) -> None:
+        logits = out[0] if isinstance(out, (tuple, list)) else out
+        if logits.ndim != 2:
+            raise ValueError(f"layer {LOG_SOFTMAX!r} needs [batch, classes] network outputs, got {tuple(logits.shape)}")
+        head(logits)
+
+    model.register_forward_hook(run_head)
+    return model
+
+
 def resolve_layers(model: nn.Module, layers: Sequence[str]) -> dict[str, nn.Module]:
-    """Map module paths to modules; an unknown path names the closest valid ones."""
+    """Map module paths to modules; an unknown path names the closest valid ones.
+
+    ``log_softmax`` (the class log-probabilities) resolves only after :func:`expose_log_softmax`.
+    """
     if isinstance(layers, str):
         layers = [layers]
     if not layers:
@@ -40,6 +70,8 @@ def resolve_layers(model: nn.Module, layers: Sequence[str]) -> dict[str, nn.Modu
             top = [n for n in names if "." not in n]
             raise LayerNotFoundError(
                 f"layer {path!r} not found in {type(model).__name__}; "
+                + (f"'{LOG_SOFTMAX}' (class log-probabilities) is available in dissect.py only; "
+                   if path == LOG_SOFTMAX else "")
                 + (f"closest: {', '.join(close)}; " if close else "")
                 + f"top-level modules: {', '.join(top)}"
             ) from None
