@@ -1,9 +1,12 @@
 """DISCOVER's claim on our generated data: do competing (LWTA) units become concept detectors more often?
 
     python benchmarks/discover_detectors.py --seeds 0 1 2 --competitors 2 16 --epochs 8 --out RESULTS.json
+    python benchmarks/discover_detectors.py --seeds 0 1 2 --competitors 2 16 --widths 64 128 256 \
+        --epochs 8 --epochs-for 16=24 --out RESULTS_wide.json
 
-For each seed, trains the quickstart network (convnet_small 32-64-128, max global pool, AdamW 3e-3 cosine,
-8000 generated 32x32 images) with ReLU and with LWTA for each U, to similar accuracy. Then, per layer, on
+For each seed, trains the quickstart network (convnet_small, widths 32-64-128 by default, max global pool,
+AdamW 3e-3 cosine, 8000 generated 32x32 images) with ReLU and with LWTA for each U, to similar accuracy
+(a high U learns more slowly: --epochs-for gives it more epochs). Then, per layer, on
 the 1000 validation images: Network Dissection (IoU of the top-quantile maps (default 0.02) against shape / colour /
 texture masks; detector = IoU > 0.04): number of detectors, unique concepts, mean IoU of detectors; and the
 text labels (soft-WPMI with the ground-truth scorer) of the same units, with their agreement with the IoU
@@ -73,6 +76,8 @@ def main() -> None:
                     help="channels of the three conv stages; a high U needs wider layers (U=16 on 32 channels "
                          "leaves 2 active)")
     ap.add_argument("--no-relu", action="store_true", help="skip the ReLU baseline")
+    ap.add_argument("--epochs-for", nargs="*", default=[], metavar="VARIANT=EPOCHS",
+                    help="per-variant epochs to reach similar accuracy, e.g. 16=24 (U=16) or relu=8")
     ap.add_argument("--out", default="RESULTS.json")
     ap.add_argument("--quantile", type=float, default=0.02,
                     help="NetDissect's 0.005 caps IoU below 0.04 on 32x32 shapes (see RESULTS.md)")
@@ -80,14 +85,21 @@ def main() -> None:
     variants = {} if args.no_relu else {"relu": {"act": "relu"}}
     for u in args.competitors:
         variants[f"lwta U={u}"] = {"act": "lwta", "act_kwargs": {"competitors": u, "temperature": 1.67}}
+    epochs = {name: args.epochs for name in variants}
+    for item in args.epochs_for:
+        key, _, n = item.partition("=")
+        name = "relu" if key == "relu" else f"lwta U={key}"
+        if name not in variants or not n.isdigit():
+            ap.error(f"--epochs-for {item!r}: use relu=N or <U>=N (e.g. 16=24) for a U in --competitors")
+        epochs[name] = int(n)
     runs = []
     for seed in args.seeds:
         for name, act in variants.items():
             t0 = time.perf_counter()
-            net, acc, dm = train(act, seed, args.epochs, args.num_train, args.widths)
+            net, acc, dm = train(act, seed, epochs[name], args.num_train, args.widths)
             res = dissect(net, dm, args.quantile)
-            runs.append({"variant": name, "seed": seed, "val_acc": acc, "layers": res})
-            print(f"seed {seed} {name:<11} val/acc {acc:.3f} " + "  ".join(
+            runs.append({"variant": name, "seed": seed, "epochs": epochs[name], "val_acc": acc, "layers": res})
+            print(f"seed {seed} {name:<11} ep {epochs[name]:>2} val/acc {acc:.3f} " + "  ".join(
                 f"{l}: det {r['detectors']}/{r['units']} uniq {r['unique_concepts']} iou {r['mean_iou']:.3f} "
                 f"agree {r['agreement']:.2f}" for l, r in res.items()) + f"  ({time.perf_counter() - t0:.0f}s)",
                 flush=True)

@@ -346,6 +346,7 @@ def explain(
         net, transform, class_names = _torchvision_model(torchvision_model, torchvision_weights)
         gray = False
     net = net.to(dev)
+    _resolve(net, layer_names)
     try:
         img = Image.open(image).convert("L" if gray else "RGB")
     except OSError as err:

@@ -183,7 +183,8 @@ def test_evaluate_and_explain(trained_run, tmp_path, capsys):
                          "--layer", "log_softmax", "--sentence_model", "null"])
     assert logp["layer"] == "log_softmax" and logp["num_units"] == metrics["num_units"]
     out = tmp_path / "labels"
-    dissect_main(["describe", "--checkpoint", str(trained_run), "--layers", "[layer3, fc]", "--max_images", "64",
+    dissect_main(["describe", "--checkpoint", str(trained_run), "--layers", "[layer3, fc, log_softmax]",
+                  "--max_images", "64",
                   "--output_dir", str(out), "--device", "cpu", "--html", "false"])
     img = tmp_path / "x.png"
     from lwta_vision.data import ShapesConceptDataset
@@ -193,6 +194,7 @@ def test_evaluate_and_explain(trained_run, tmp_path, capsys):
                         "--device", "cpu"])
     assert res["prediction"] in ["circle", "square", "triangle", "star", "cross", "ring"]
     assert res["layers"]["layer3"] and res["contributions"][0]["layer"] == "layer3"
+    assert [r["unit"] for r in res["layers"]["log_softmax"]] == [r["unit"] for r in res["layers"]["fc"]]
     assert "why" in capsys.readouterr().out
 
 
