@@ -32,7 +32,8 @@ from lwta_vision.lit import LitClassifier
 LAYERS = ["layer1", "layer2", "layer3"]
 
 
-def train(act: dict, seed: int, epochs: int, num_train: int, widths: list[int]) -> tuple[torch.nn.Module, float, ConceptDataModule]:
+def train(act: dict, seed: int, epochs: int, num_train: int,
+          widths: list[int]) -> tuple[torch.nn.Module, float, ConceptDataModule]:
     L.seed_everything(seed, verbose=False)
     dm = ConceptDataModule(num_train=num_train, num_val=1000, num_test=200, image_size=32, batch_size=64)
     model = LitClassifier(

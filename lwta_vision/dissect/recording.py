@@ -30,11 +30,11 @@ LOG_SOFTMAX = "log_softmax"
 def expose_log_softmax(model: nn.Module) -> nn.Module:
     """Add the class log-probabilities as a dissectable layer named ``log_softmax`` (in place; returns model).
 
-    Why: a logit means something only relative to the other logits of the same image, yet dissection compares
-    one unit's values across images, so a class logit can rank another class's images above its own
-    (RESULTS.md §3). A log-probability compares within the image. It runs in a forward hook whose result is
-    recorded and discarded: the model's output, parameters and state dict are unchanged. A model that already has a
-    ``log_softmax`` child is returned as is.
+    Why: a logit means something only relative to the other logits of the same image, yet dissection
+    compares one unit's values across images, so a class logit can rank another class's images above its
+    own (RESULTS.md §3). A log-probability compares within the image. It runs in a forward hook whose result
+    is recorded and discarded: the model's output, parameters and state dict are unchanged. A model that
+    already has a ``log_softmax`` child is returned as is.
     """
     if LOG_SOFTMAX in dict(model.named_children()):
         return model
