@@ -22,8 +22,8 @@ from pathlib import Path
 def measure(ckpt: str, out_dir: str, seed: int = 0, layer: str = "fc") -> dict:
     from lwta_vision.checkpoints import load_network
     from lwta_vision.dissect.dnd import layer_activations
-    from lwta_vision.dissect.recording import expose_log_softmax
     from lwta_vision.dissect.generative import GeneratedConceptImages
+    from lwta_vision.dissect.recording import expose_log_softmax
     from lwta_vision.dissect_cli import _instantiate, _run_config
     from lwta_vision.dissect_cli import main as dissect_main
 
@@ -51,7 +51,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoints", nargs="+")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-softmax", action="store_true", help="also run DnD on log_softmax(fc) (a diagnostic)")
+    p.add_argument("--log-softmax", action="store_true", help="also measure DnD on --layers [log_softmax]")
     args = p.parse_args()
     for ckpt in args.checkpoints:
         with tempfile.TemporaryDirectory() as tmp:

@@ -184,8 +184,7 @@ def test_evaluate_and_explain(trained_run, tmp_path, capsys):
     assert logp["layer"] == "log_softmax" and logp["num_units"] == metrics["num_units"]
     out = tmp_path / "labels"
     dissect_main(["describe", "--checkpoint", str(trained_run), "--layers", "[layer3, fc, log_softmax]",
-                  "--max_images", "64",
-                  "--output_dir", str(out), "--device", "cpu", "--html", "false"])
+                  "--max_images", "64", "--output_dir", str(out), "--device", "cpu", "--html", "false"])
     img = tmp_path / "x.png"
     from lwta_vision.data import ShapesConceptDataset
 
