@@ -28,7 +28,7 @@ def measure(ckpt: str, out_dir: str, seed: int = 0, layer: str = "fc") -> dict:
     from lwta_vision.dissect_cli import main as dissect_main
 
     res = dissect_main(["dnd", "--checkpoint", str(ckpt), "--layers", f"[{layer}]", "--captioner", "ground_truth",
-                        "--summarizer", "ground_truth", "--generator", "ground_truth", "--output_dir", str(out_dir),
+                        "--summarizer", "ground_truth", "--generator", "ground_truth", "--scorer", "ground_truth", "--output_dir", str(out_dir),
                         "--device", "cpu", "--html", "false", "--seed", str(seed)])
     units = res[layer]
     dm = _instantiate(_run_config(str(ckpt))["data"])

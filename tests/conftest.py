@@ -6,6 +6,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("PYTHONHASHSEED", "0")
+if "LWTA_VISION_CACHE" not in os.environ:  # CLIP embedding caches of the tests stay out of the user's cache
+    import tempfile
+
+    os.environ["LWTA_VISION_CACHE"] = tempfile.mkdtemp(prefix="lwta-test-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

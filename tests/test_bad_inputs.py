@@ -294,7 +294,7 @@ def _describe(run, tmp_path, *extra):
     ("nested layer path", ["--layers", "[layer3.conv9]"], "layer 'layer3.conv9' not found in ConvNet; closest:"),
     ("unknown concept set", ["--concepts", "20K"], "unknown concept set '20K' (did you mean '20k'?)"),
     ("unknown similarity", ["--similarity", "soft-wpmi"], "unknown similarity 'soft-wpmi'; available: soft_wpmi"),
-    ("unknown scorer", ["--scorer", "cllip"], "unknown scorer 'cllip'; choose one of auto, clip, ground_truth"),
+    ("unknown scorer", ["--scorer", "cllip"], "unknown scorer 'cllip'; choose one of auto, clip, concept_clip, ground_truth"),
     ("concepts not annotated", ["--scorer", "ground_truth", "--concepts", "cifar10"],
      "10 concepts are not annotated in the dataset: 'airplane'"),
     ("missing CIFAR data", ["--data", '{"class_path": "lwta_vision.data.CIFAR10DataModule", "init_args": '

@@ -9,7 +9,7 @@ from PIL import Image
 from torch import nn
 
 from lwta_vision.cli import cli_main
-from lwta_vision.dissect.engine import label_layer
+from lwta_vision.dissect.engine import label_layer, rank_concepts
 from lwta_vision.dissect.recording import (LayerNotFoundError, expose_log_softmax, merge_records, pool_output,
                                            record_activations, resolve_layers)
 from lwta_vision.dissect_cli import main as dissect_main
@@ -125,6 +125,67 @@ def test_label_layer_finds_the_planted_concept_and_skips_inactive_units():
     assert res.summary["active_units"] == 3
 
 
+def _record(acts):
+    from lwta_vision.dissect.recording import LayerRecord
+
+    return LayerRecord("l", acts, *acts.topk(min(50, acts.shape[0]), dim=0), win_rate=(acts != 0).float().mean(0),
+                       input_rate=(acts != 0).float().mean(0), spatial=False)
+
+
+def test_rank_concepts_decides_ties_by_the_second_key_then_by_order():
+    scores = torch.tensor([[1.0, 1.0 + 1e-9, 0.5, 0.2],    # tie 0/1 (rounding-level): key decides
+                           [0.3, 0.9, 0.9, 0.1],           # exact tie 1/2, equal keys: concept order
+                           [0.1, 0.2, 0.3, 0.4]], dtype=torch.float64)  # no tie
+    key = torch.tensor([[-5.0, -9.0, 0.0, 0.0],
+                        [0.0, -1.0, -1.0, 0.0],
+                        [0.0, 0.0, 0.0, 0.0]])
+    idx, how = rank_concepts(scores, key, n=3, tol=1e-3)
+    assert idx.tolist() == [[0, 1, 2], [1, 2, 0], [3, 2, 1]]
+    assert how[:, 0].tolist() == [1, 2, 0]
+    # without the tolerance the rounding-level difference would decide, and the key would never be read
+    assert rank_concepts(scores, key, n=1, tol=0.0)[0][:, 0].tolist() == [1, 1, 3]
+    with pytest.raises(ValueError, match="tolerance"):
+        rank_concepts(scores, key, tol=-1)
+
+
+def test_rank_concepts_in_row_chunks_equals_all_at_once(monkeypatch):
+    from lwta_vision.dissect import engine
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (600, 40), generator=g).double()  # many exact ties
+    key = torch.randint(0, 3, (600, 40), generator=g).double()  # and ties of the key
+    chunked = rank_concepts(scores, key, 5)
+    monkeypatch.setattr(engine, "_ROWS", 10_000)
+    whole = rank_concepts(scores, key, 5)
+    assert all(torch.equal(a, b) for a, b in zip(chunked, whole))
+    assert set(chunked[1].unique().tolist()) == {0, 1, 2}  # every way of deciding occurs
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_saturated_ground_truth_labels_are_decided_by_contrast_not_rounding(seed):
+    """Unit 0's top images all show concept 0 and about half show concept 1; no other unit's top images show
+    either. Both concepts then score log K for unit 0 (soft-WPMI saturates) and the label is concept 0 because
+    it sets the unit's top images apart more (all of them show it), whatever the last bits of the two scores
+    are."""
+    g = torch.Generator().manual_seed(seed)
+    n, k = 400, 3
+    acts = torch.rand(n, k, generator=g)
+    presence = torch.zeros(n, 4)
+    top = acts[:, 0].topk(40).indices
+    presence[top, 0] = 1
+    presence[top[torch.rand(40, generator=g) < 0.5], 1] = 1
+    presence[:, 2] = (torch.rand(n, generator=g) < 0.5).float()
+    presence[:, 3] = (torch.rand(n, generator=g) < 0.5).float()
+    res = label_layer(_record(acts), presence * 0.3, ["a", "b", "c", "d"], similarity_kwargs={"top_k": 40})
+    row = res.rows[0]
+    assert row.label == "a"
+    assert row.next_labels[0] == "b"
+    assert abs(row.score - row.next_scores[0]) < 1e-4  # saturated: a tie in the primary score ...
+    assert row.decided_by == "contrast" and abs(row.margin) < 1e-3  # ... decided by the contrast key
+    assert res.summary["ties"] >= 1
+    assert res.top_labels(2, ["a", "b", "c", "d"])[0] == ["a", "b"]
+
+
 # --------------------------------------------------------------------------------------- dissect.py
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
@@ -143,14 +204,19 @@ def test_describe_writes_tables_and_html(trained_run, tmp_path):
     dissect_main(["describe", "--checkpoint", str(trained_run), "--layers", "[layer2, layer3, fc]",
                   "--max_images", "64", "--output_dir", str(out), "--device", "cpu"])
     rows = list(csv.DictReader(open(out / "layer3.csv")))
-    assert len(rows) == 128 and set(rows[0]) >= {"label", "score", "label_2", "label_3", "win_rate", "top_images"}
+    assert len(rows) == 128 and set(rows[0]) >= {"label", "score", "label_2", "label_3", "margin", "decided_by",
+                                                  "win_rate", "top_images"}
+    labelled = [r for r in rows if r["label"]]
+    assert labelled and all(r["decided_by"] in ("score", "contrast", "order") for r in labelled)
+    assert all(float(r["margin"]) >= -1e-3 for r in labelled)  # a tie's winner trails by less than tie_tol
     data = json.loads((out / "fc.json").read_text())
     assert len(data["units"]) == 6 and data["summary"]["units"] == 6
     html = (out / "index.html").read_text()
     assert "layer3" in html and "images/layer3/" in html
     assert (out / "images" / "layer3").is_dir()
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["meta"]["scorer"] == "GroundTruthScorer"
+    assert summary["meta"]["scorer"] == "ConceptCLIPScorer"  # auto on the generated data: CLIP-Dissect proper
+    assert summary["layers"]["layer3"]["ties"] == sum(r["decided_by"] != "score" for r in labelled)
     assert not list(out.glob("**/*.tmp"))
 
 
@@ -172,6 +238,21 @@ def test_describe_with_tiny_clip_checkpoint(trained_run, tmp_path):
     labels = {r["label"] for r in csv.DictReader(open(out / "fc.csv"))}
     assert labels <= {"red", "blue", "circle", "square", "stripes"}
     assert list((tmp_path / "cache").iterdir())  # embeddings cached
+
+
+def test_concept_clip_through_the_generic_clip_flags(trained_run, tmp_path):
+    """`--scorer clip --clip_model lwta-concept-clip --clip_checkpoint FILE` is the shipped scorer, as a user
+    passes any open_clip weights file; the default (auto) on the generated data is the same scorer."""
+    from lwta_vision import concept_clip
+
+    common = ["evaluate", "--checkpoint", str(trained_run), "--max_images", "96", "--device", "cpu",
+              "--sentence_model", "null", "--cache_dir", str(tmp_path)]
+    generic = dissect_main(common + ["--scorer", "clip", "--clip_model", concept_clip.MODEL_NAME,
+                                     "--clip_pretrained", "null", "--clip_checkpoint",
+                                     str(concept_clip.weights_path()), "--concepts", "generated"])
+    default = dissect_main(common)
+    assert generic["scorer"] == "CLIPScorer" and default["scorer"] == "ConceptCLIPScorer"
+    assert generic["labels"] == default["labels"] and generic["margins"] == pytest.approx(default["margins"])
 
 
 def test_evaluate_and_explain(trained_run, tmp_path, capsys):
@@ -257,6 +338,23 @@ def test_callback_iou_layers_logs_detectors(tmp_path):
     rows = list(csv.DictReader(open(next(tmp_path.glob("**/metrics.csv")))))
     assert any(r.get("dissect/layer3/detectors") for r in rows)
     assert any(r.get("dissect/layer3/unique_concepts") for r in rows)
+
+
+def test_dissection_callback_does_not_change_training(tmp_path):
+    """Two epochs with and without the dissection callback (concept CLIP, built and cached during the run)
+    end with the same weights: the callback's model building and DataLoaders draw from a forked RNG."""
+    def run(out, *extra):
+        cli = cli_main(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--data.init_args.num_train",
+                        "128", "--data.init_args.num_val", "64", "--data.init_args.batch_size", "32",
+                        "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "2",
+                        "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(out),
+                        "--trainer.default_root_dir", str(out), *extra])
+        return cli.model.state_dict()
+
+    with_cb = run(tmp_path / "a")
+    without = run(tmp_path / "b", "--trainer.callbacks", "[]")
+    assert with_cb.keys() == without.keys()
+    assert all(torch.equal(with_cb[k], without[k]) for k in with_cb)
 
 
 from test_broden import broden  # noqa: E402,F401  (the tiny Broden-format folder fixture)

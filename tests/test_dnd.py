@@ -289,7 +289,9 @@ def test_dnd_with_an_openai_compatible_server_and_a_diffusion_model(trained_run,
     assert len(_FakeOpenAI.requests) == 3 * len(labels) and len(res["fc"]) == 6
     assert labels and all(l in {"circle", "square", "triangle", "star", "cross", "ring", "shape"} for l in labels)
     meta = json.loads((out / "summary.json").read_text())["meta"]
-    assert meta["weighting"] == "none" and meta["concept_images"] == tiny_diffusion
+    # on the generated data the default scorer is the concept CLIP, so DnD weights candidates by CLIP
+    # image-image similarity as the method prescribes
+    assert meta["weighting"] == "clip image-image" and meta["concept_images"] == tiny_diffusion
     sel = [s for u in json.loads((out / "fc_dnd.json").read_text())["units"] for s in u["selection"]]
     assert sel and all(s["rank_score"] < float("inf") for s in sel)  # generated images were ranked
 

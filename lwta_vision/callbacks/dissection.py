@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from lwta_vision.concept_clip import is_concept_data
 from lwta_vision.dissect.concepts import load_concept_set
 from lwta_vision.dissect.engine import label_drift
 from lwta_vision.dissect.pipeline import label_records, probe_loader
@@ -27,6 +28,7 @@ class NeuronDissection(Callback):
     the shards are gathered, so every rank labels the same full matrix and ends in the same state.
 
     Logs per layer ``dissect/<layer>/unique_labels``, ``.../mean_score``, ``.../active_fraction``,
+    ``.../ties`` (labels decided by the tie-break key, see :mod:`lwta_vision.dissect.engine`),
     ``.../label_drift`` (fraction of units whose label changed since the last dissection), writes the label
     table as CSV under ``<log_dir>/dissection/epoch_<n>/`` and, with a wandb logger, a wandb Table with
     each unit's top images.
@@ -37,8 +39,9 @@ class NeuronDissection(Callback):
         probe_split: which split of the datamodule to probe ("val", "test" or "train").
         probe: an explicit probe set instead (e.g. an image folder); overrides ``probe_split``.
         max_probe_images: use only the first n probe images (faster; None = all).
-        scorer: image-concept scorer; default: ground truth when the probe data carries concept
-            annotations (the generated dataset), else it must be given (e.g. a ``CLIPScorer``).
+        scorer: image-concept scorer; default: the concept CLIP on the generated data
+            (:class:`~lwta_vision.concept_clip.scorer.ConceptCLIPScorer`), ground truth on other annotated
+            data (Broden), else it must be given (e.g. a ``CLIPScorer``).
         concepts: concept set name or text file; default: the ground-truth scorer's concepts, else "20k".
         similarity, similarity_kwargs: see ``lwta_vision.dissect.similarity``.
         pooling, token_pooling: per-neuron summary of conv maps / token outputs.
@@ -95,16 +98,21 @@ class NeuronDissection(Callback):
         if self.max_probe_images is not None and self.max_probe_images < len(self.probe):
             self.probe = self.probe.first(self.max_probe_images)
 
-    def _ensure_concepts(self) -> None:
+    def _ensure_concepts(self, pl_module: L.LightningModule) -> None:
         if self._image_concept is not None:
             return
         if self.scorer is None:
-            if not hasattr(self.probe.dataset, "presence_matrix"):
+            if is_concept_data(self.probe.dataset):  # CLIP-Dissect proper, with the CLIP that knows this data
+                from lwta_vision.concept_clip.scorer import ConceptCLIPScorer
+
+                self.scorer = ConceptCLIPScorer(device=str(pl_module.device))
+            elif hasattr(self.probe.dataset, "presence_matrix"):
+                self.scorer = GroundTruthScorer.from_dataset(self.probe.dataset)
+            else:
                 raise ValueError(
                     "NeuronDissection: the probe data has no concept annotations; set scorer (e.g. "
                     "class_path: lwta_vision.dissect.scorers.CLIPScorer) in the callback's init_args"
                 )
-            self.scorer = GroundTruthScorer.from_dataset(self.probe.dataset)
         if self.concepts_spec is None:
             concepts = list(getattr(self.scorer, "concept_names", None) or load_concept_set("20k"))
         else:
@@ -116,7 +124,14 @@ class NeuronDissection(Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
-        self._ensure_concepts()
+        # Dissection must not change training: building a scorer initialises a model and every DataLoader
+        # iterator draws a seed from the global generator, so without this fork the network a run trains
+        # would depend on the dissection settings and on whether the CLIP embeddings were already cached.
+        with torch.random.fork_rng(devices=[]):
+            self._dissect(trainer, pl_module)
+
+    def _dissect(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._ensure_concepts(pl_module)
         net = _network(pl_module)
         world, rank = trainer.world_size, trainer.global_rank
         indices = list(range(rank, len(self.probe), world))
@@ -138,6 +153,7 @@ class NeuronDissection(Callback):
                 "unique_labels": float(res.summary["unique_labels"]),
                 "mean_score": float(res.summary["mean_top_score"]),
                 "active_fraction": float(res.summary["active_fraction"]),
+                "ties": float(res.summary["ties"]),
             }
             if drift == drift:  # not NaN: a previous dissection exists
                 metrics["label_drift"] = drift
@@ -172,7 +188,8 @@ class NeuronDissection(Callback):
     def _log_wandb_tables(self, logger: WandbLogger, results, epoch: int) -> None:
         import wandb
 
-        columns = ["layer", "unit", "label", "score", "label_2", "label_3", "win_rate", "active"]
+        columns = ["layer", "unit", "label", "score", "label_2", "label_3", "margin", "decided_by", "win_rate",
+                   "active"]
         columns += [f"top_{i + 1}" for i in range(self.table_images)]
         for layer, res in results.items():
             data = []
@@ -180,8 +197,8 @@ class NeuronDissection(Callback):
                 d = r.as_dict()
                 imgs = [wandb.Image(self.probe.raw(i)) for i in r.top_images[: self.table_images]]
                 imgs += [None] * (self.table_images - len(imgs))
-                data.append([layer, r.unit, d["label"], d["score"], d["label_2"], d["label_3"], d["win_rate"],
-                             d["active"], *imgs])
+                data.append([layer, r.unit, d["label"], d["score"], d["label_2"], d["label_3"], d["margin"],
+                             d["decided_by"], d["win_rate"], d["active"], *imgs])
             logger.log_table(key=f"dissect/{layer}/labels", columns=columns, data=data)
 
     # -- state ---------------------------------------------------------------------------------------

@@ -1,6 +1,21 @@
-"""Label neurons: recorded activations x image-concept matrix -> per-neuron labels (torch only)."""
+"""Label neurons: recorded activations x image-concept matrix -> per-neuron labels (torch only).
+
+Ties are decided, not left to rounding. soft-WPMI saturates: log p(t|k) sums ~100 log-probabilities, so
+one unit's likelihood of a concept usually exceeds every other unit's by many nats, log p(t) is then that
+unit's term alone and the score is log K, for every concept that unit dominates, equal to the last bits
+(measured on the quickstart's fc: most units, with ground truth and with the concept CLIP alike). A
+machine's arithmetic would pick the label. Concepts whose scores lie within ``tie_tol`` of the best are
+therefore treated as equal and ranked by a second key, the *contrast* log p(t|k) - mean_k' log p(t|k'):
+how much more the unit's top images show t than a typical unit's top images do (PMI with a geometric-mean
+prior, which does not saturate), then by their order in the concept list. The unit's own log p(t|k) alone
+was measured as the second key and rejected: it prefers whatever is common among a unit's top images (a
+plain background, a colour) over what sets them apart (the shape). Every row records its ``margin`` over
+the runner-up and what decided it (``decided_by``: ``score``, ``contrast`` or ``order``).
+"""
 from __future__ import annotations
 
+import inspect
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -9,6 +24,13 @@ from torch import Tensor
 
 from lwta_vision.dissect.recording import LayerRecord, order_by_image
 from lwta_vision.dissect.similarity import get_similarity
+
+TIE_TOL = 1e-3
+"""Scores closer than this (in the similarity's units; nats for soft-WPMI) count as a tie."""
+NEAR_TIE_FACTOR = 10.0
+"""A label decided by score with a margin below ``NEAR_TIE_FACTOR * tie_tol`` is flagged as a near tie."""
+DECIDED_BY = ("score", "contrast", "order")
+_ROWS = 256  # units ranked at once
 
 
 @dataclass
@@ -23,6 +45,9 @@ class NeuronRow:
     input_rate: float
     active: bool
     top_images: list[int]
+    margin: Optional[float] = None  # score minus the best other concept's score
+    tie_margin: Optional[float] = None  # in a tie: the label's contrast minus the best other tied concept's
+    decided_by: Optional[str] = None  # "score", "contrast" (a tie within tie_tol) or "order"
 
     def as_dict(self) -> dict:
         return {
@@ -37,6 +62,9 @@ class NeuronRow:
             "win_rate": self.win_rate,
             "input_rate": self.input_rate,
             "active": self.active,
+            "margin": self.margin,
+            "decided_by": self.decided_by,
+            "tie_margin": self.tie_margin,
             "top_images": self.top_images,
         }
 
@@ -47,6 +75,8 @@ class LayerLabels:
     rows: list[NeuronRow]
     summary: dict
     scores: Optional[Tensor] = None  # [K, M] similarity of every unit (inactive rows NaN)
+    tie_key: Optional[Tensor] = None  # [K, M] second ranking key (the WPMI family's contrast)
+    tie_tol: float = TIE_TOL
 
     @property
     def labels(self) -> list[Optional[str]]:
@@ -56,8 +86,79 @@ class LayerLabels:
         """Best ``n`` labels per unit (needs ``scores`` and the concept list)."""
         if self.scores is None or concepts is None:
             return [[l for l in [r.label] + r.next_labels if l] for r in self.rows]
-        idx = torch.nan_to_num(self.scores, nan=-float("inf")).topk(min(n, len(concepts)), dim=1).indices
-        return [[concepts[j] for j in row] for row in idx.tolist()]
+        idx, _ = rank_concepts(self.scores, self.tie_key, n, self.tie_tol)
+        return [[concepts[j] for j in row] if r.active else [] for row, r in zip(idx.tolist(), self.rows)]
+
+
+def rank_concepts(scores: Tensor, tie_key: Optional[Tensor] = None, n: int = 3,
+                  tol: float = TIE_TOL) -> tuple[Tensor, Tensor]:
+    """Each unit's ``n`` best concepts, best first, with ties decided by ``tie_key``, then concept order.
+
+    At every position the candidates are the concepts not yet taken whose score is within ``tol`` of the
+    best remaining score; among them the largest ``tie_key`` wins (again within ``tol``), then the lowest
+    concept index. A rounding-level difference therefore never decides a label.
+
+    Args:
+        scores: [K, M] scores, higher is better (NaN rows: units without scores).
+        tie_key: optional [K, M] second key, higher is better.
+        n: concepts per unit (clipped to M).
+        tol: absolute tolerance under which two scores (or keys) are equal.
+
+    Returns:
+        ``(index [K, n], decided [K, n])``: concept indices, and per position 0 when the score decided,
+        1 when the second key did, 2 when only the concept order did.
+    """
+    if tol < 0:
+        raise ValueError(f"tie tolerance must be >= 0, got {tol}")
+    num_units, m = scores.shape
+    n = min(n, m)
+    index = torch.empty(num_units, n, dtype=torch.long, device=scores.device)
+    decided = torch.empty(num_units, n, dtype=torch.long, device=scores.device)
+    for lo in range(0, num_units, _ROWS):  # [rows, M] temporaries: bounded memory at 20k concepts
+        hi = min(lo + _ROWS, num_units)
+        s = torch.nan_to_num(scores[lo:hi].double(), nan=-math.inf)
+        key = torch.zeros_like(s) if tie_key is None else torch.nan_to_num(tie_key[lo:hi].double(), nan=-math.inf)
+        taken = torch.zeros_like(s, dtype=torch.bool)
+        rows = torch.arange(hi - lo, device=s.device)
+        for p in range(n):
+            s_p = s.masked_fill(taken, -math.inf)
+            cand = (s_p >= s_p.amax(1, keepdim=True) - tol) & ~taken
+            k_p = key.masked_fill(~cand, -math.inf)
+            cand2 = cand & (k_p >= k_p.amax(1, keepdim=True) - tol)
+            j = cand2.to(torch.uint8).argmax(1)  # first True: the lowest concept index among the finalists
+            index[lo:hi, p] = j
+            decided[lo:hi, p] = torch.where(cand.sum(1) == 1, 0, torch.where(cand2.sum(1) == 1, 1, 2))
+            taken[rows, j] = True
+    return index, decided
+
+
+def _margins(scores: Tensor, tie_key: Optional[Tensor], label: Tensor, tol: float) -> tuple[Tensor, Tensor]:
+    """Per unit: the label's score minus the best other score, and its tie key minus the best other key
+    among the concepts within ``tol`` of the best score (-inf/NaN where undefined)."""
+    margin = torch.full((scores.shape[0],), math.nan, dtype=torch.float64)
+    tie_gap = torch.full_like(margin, math.nan)
+    for lo in range(0, scores.shape[0], _ROWS):
+        hi = min(lo + _ROWS, scores.shape[0])
+        s = torch.nan_to_num(scores[lo:hi].double(), nan=-math.inf)
+        j = label[lo:hi, None]
+        margin[lo:hi] = s.gather(1, j)[:, 0] - s.scatter(1, j, -math.inf).amax(1)
+        if tie_key is not None:
+            key = torch.nan_to_num(tie_key[lo:hi].double(), nan=-math.inf)
+            tied = (s >= s.amax(1, keepdim=True) - tol).scatter_(1, j, False)  # the other finalists
+            tie_gap[lo:hi] = key.gather(1, j)[:, 0] - key.masked_fill(~tied, -math.inf).amax(1)
+    return margin, tie_gap
+
+
+def tie_contrast(log_p_t_given_k: Tensor) -> Tensor:
+    """The tie-break key: log p(t|k) minus its mean over the layer's units (over the active units given)."""
+    return log_p_t_given_k - log_p_t_given_k.mean(0, keepdim=True)
+
+
+def _uses_log_likelihood(fn) -> bool:
+    try:
+        return "return_log_likelihood" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def label_layer(
@@ -67,11 +168,14 @@ def label_layer(
     similarity: str = "soft_wpmi",
     similarity_kwargs: Optional[dict] = None,
     report_top_images: int = 10,
+    tie_tol: float = TIE_TOL,
 ) -> LayerLabels:
     """Score every active unit of a layer against every concept and keep the best three labels.
 
     Units that never won on the probe set (LWTA losers everywhere) are reported inactive with no label:
-    a label for a unit that never fires would describe noise.
+    a label for a unit that never fires would describe noise. Scores within ``tie_tol`` of each other are
+    ties, decided by the contrast of the unit's log p(t|k) with the layer's mean where the similarity
+    provides log p(t|k) (see the module docstring and :func:`rank_concepts`).
     """
     if image_concept.shape[1] != len(concepts):
         raise ValueError(f"image-concept matrix has {image_concept.shape[1]} columns for {len(concepts)} concepts")
@@ -80,11 +184,23 @@ def label_layer(
     active = record.active
     fn = get_similarity(similarity)
     kwargs = dict(similarity_kwargs or {})
-    scores = torch.full((record.num_units, len(concepts)), float("nan"))
+    with_key = _uses_log_likelihood(fn)
+    # kept in the similarity's dtype (float64 for the WPMI family): rounding to float32 manufactures ties
+    scores = torch.full((record.num_units, len(concepts)), float("nan"), dtype=torch.float64)
+    tie_key = torch.full_like(scores, float("nan")) if with_key else None
     if active.any():
-        scores[active] = fn(acts[:, active], image_concept.float(), **kwargs).float().cpu()
+        if with_key:
+            s, log_p = fn(acts[:, active], image_concept.float(), return_log_likelihood=True, **kwargs)
+            tie_key[active] = tie_contrast(log_p).double().cpu()
+        else:
+            s = fn(acts[:, active], image_concept.float(), **kwargs)
+        scores[active] = s.double().cpu()
     k = min(3, len(concepts))
-    top_s, top_j = torch.nan_to_num(scores, nan=-float("inf")).topk(k, dim=1)
+    top_j, how = rank_concepts(scores, tie_key, k, tie_tol)
+    top_s = scores.gather(1, top_j)
+    margin_t, gap_t = _margins(scores, tie_key, top_j[:, 0], tie_tol)
+    margin = margin_t.tolist()
+    tie_margin = [g if how[u, 0] == 1 and math.isfinite(g) else None for u, g in enumerate(gap_t.tolist())]
     top_img = record.top_indices[: min(report_top_images, record.top_indices.shape[0])].T
     rows = []
     for u in range(record.num_units):
@@ -103,18 +219,28 @@ def label_layer(
                 input_rate=float(record.input_rate[u]),
                 active=is_active,
                 top_images=top_img[u].tolist(),
+                margin=(margin[u] if math.isfinite(margin[u]) else None) if is_active else None,
+                decided_by=DECIDED_BY[int(how[u, 0])] if is_active else None,
+                tie_margin=tie_margin[u] if is_active else None,
             )
         )
     summary = record.summary()
     labelled = [r for r in rows if r.active]
+    ties = sum(r.decided_by != "score" for r in labelled)
+    near = sum(r.decided_by == "score" and r.margin is not None and r.margin < NEAR_TIE_FACTOR * tie_tol
+               for r in labelled)
     summary.update(
         {
             "similarity": similarity,
             "unique_labels": len({r.label for r in labelled}),
             "mean_top_score": (sum(r.score for r in labelled) / len(labelled)) if labelled else float("nan"),
+            "tie_tol": tie_tol,
+            "ties": ties,
+            "near_ties": near,
         }
     )
-    return LayerLabels(layer=record.name, rows=rows, summary=summary, scores=scores)
+    return LayerLabels(layer=record.name, rows=rows, summary=summary, scores=scores, tie_key=tie_key,
+                       tie_tol=tie_tol)
 
 
 def label_drift(previous: Sequence[Optional[str]], current: Sequence[Optional[str]]) -> float:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from lwta_vision.dissect.engine import LayerLabels, label_layer
+from lwta_vision.dissect.engine import TIE_TOL, LayerLabels, label_layer
 from lwta_vision.dissect.probe import ProbeSet
 from lwta_vision.dissect.recording import LayerRecord, record_activations, resolve_layers, spatial_maps
 from lwta_vision.dissect.report import write_html, write_tables
@@ -49,8 +49,10 @@ def label_records(
     concepts: Sequence[str],
     similarity: str = "soft_wpmi",
     similarity_kwargs: Optional[dict] = None,
+    tie_tol: float = TIE_TOL,
 ) -> dict[str, LayerLabels]:
-    return {name: label_layer(rec, image_concept, concepts, similarity, similarity_kwargs) for name, rec in records.items()}
+    return {name: label_layer(rec, image_concept, concepts, similarity, similarity_kwargs, tie_tol=tie_tol)
+            for name, rec in records.items()}
 
 
 def write_report(

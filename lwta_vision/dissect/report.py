@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from lwta_vision.dissect.engine import LayerLabels
+from lwta_vision.dissect.engine import NEAR_TIE_FACTOR, LayerLabels
 
-CSV_FIELDS = ["layer", "unit", "label", "score", "label_2", "score_2", "label_3", "score_3", "win_rate",
-              "input_rate", "active", "top_images"]
+CSV_FIELDS = ["layer", "unit", "label", "score", "label_2", "score_2", "label_3", "score_3", "margin", "decided_by",
+              "tie_margin", "win_rate", "input_rate", "active", "top_images"]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -115,7 +115,8 @@ def write_html(
              "<style>body{font-family:sans-serif;margin:1em}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:2px 6px}.u{display:inline-block;vertical-align:top;"
              "margin:4px;padding:4px;border:1px solid #ddd;width:" + str(images_per_unit * (thumb_size + 4) + 8)
-             + "px}.u.off{opacity:.45}.u img{margin:1px}.s{color:#666;font-size:85%}</style>",
+             + "px}.u.off{opacity:.45}.u img{margin:1px}.s{color:#666;font-size:85%}"
+             ".t{background:#fde68a;color:#78350f;font-size:80%;padding:0 4px;border-radius:3px}</style>",
              f"<h1>{html.escape(title)}</h1>"]
     for layer, labels in results.items():
         stem = safe_name(layer)
@@ -134,6 +135,9 @@ def write_html(
             parts.append(f"<div class='{cls}'><b>unit {row.unit}</b>: ")
             if row.active:
                 parts.append(f"<b>{html.escape(str(row.label))}</b> <span class='s'>{row.score:.3g}</span>")
+                flag = _tie_flag(row, labels.summary.get("tie_tol"))
+                if flag:
+                    parts.append(f" <span class='t'>{html.escape(flag)}</span>")
                 alt = ", ".join(f"{html.escape(l)} ({s:.3g})" for l, s in zip(row.next_labels, row.next_scores))
                 parts.append(f"<div class='s'>next: {alt}</div>")
             else:
@@ -155,6 +159,16 @@ def write_html(
     path = out_dir / "index.html"
     atomic_write_text(path, "\n".join(parts))
     return path
+
+
+def _tie_flag(row, tie_tol: Optional[float]) -> str:
+    """'tie: decided by contrast' / 'near tie (margin 0.004)' / '' for a labelled unit."""
+    if row.decided_by and row.decided_by != "score":
+        by = f" (by {row.tie_margin:.3g})" if row.tie_margin is not None else ""
+        return f"tie: decided by {row.decided_by}{by}"
+    if tie_tol is not None and row.margin is not None and row.margin < NEAR_TIE_FACTOR * tie_tol:
+        return f"near tie (margin {row.margin:.2g})"
+    return ""
 
 
 def _fmt(v) -> str:

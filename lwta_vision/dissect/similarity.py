@@ -188,7 +188,8 @@ def soft_wpmi(
     min_prob: float = 1e-7,
     chunk_size: int = 4096,
     dtype: torch.dtype = torch.float64,
-) -> torch.Tensor:
+    return_log_likelihood: bool = False,
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Soft weighted pointwise mutual information (CLIP-Dissect's default), memory-bounded.
 
     p(t|x) = softmax_t(a * P[x, t]). Neuron k's top_k images (by activation, descending; top_k is clipped
@@ -215,9 +216,12 @@ def soft_wpmi(
         chunk_size: softmax rows (and image-neuron pairs) held at once; memory ~ 2 * chunk_size * M.
         dtype: computation dtype; float64 by default because scores are sums of ~top_k logs (|score|
             in the hundreds) whose differences between concepts can be small.
+        return_log_likelihood: also return log p(t|k) [K, M], the key that decides ties between
+            saturated scores (see :func:`lwta_vision.dissect.engine.rank_concepts`).
 
     Returns:
-        [K, M] scores in ``dtype``; ``argmax(dim=1)`` gives each neuron's label.
+        [K, M] scores in ``dtype``; ``argmax(dim=1)`` gives each neuron's label. With
+        ``return_log_likelihood``, the pair ``(scores, log p(t|k))``.
     """
     activations, image_concept_sim = _validate(activations, image_concept_sim)
     _check_positive_int("chunk_size", chunk_size)
@@ -226,7 +230,8 @@ def soft_wpmi(
     top_idx = _top_indices(activations, top_k)
     weights = _rank_weights(top_idx.shape[0], p_start, p_end, dtype, activations.device)
     log_p_t_given_k = _chunked_log_likelihood(image_concept_sim, top_idx, weights, a, min_prob, chunk_size, dtype)
-    return _pmi_from_log_likelihood(log_p_t_given_k, lam)
+    scores = _pmi_from_log_likelihood(log_p_t_given_k, lam)
+    return (scores, log_p_t_given_k) if return_log_likelihood else scores
 
 
 @torch.no_grad()
@@ -267,7 +272,8 @@ def wpmi(
     min_prob: float = 1e-7,
     chunk_size: int = 4096,
     dtype: torch.dtype = torch.float64,
-) -> torch.Tensor:
+    return_log_likelihood: bool = False,
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Weighted pointwise mutual information with hard top-k membership (CLIP-Dissect's ``wpmi``).
 
     p(t|x) = softmax_t(a * P[x, t]); with x_1..x_top_k neuron k's most-activating images,
@@ -277,7 +283,8 @@ def wpmi(
         score      = log p(t|k) - lam * log p(t)
 
     i.e. soft-WPMI with every membership weight 1. Computed with the same memory-bounded chunking as
-    :func:`soft_wpmi` (see there for ``chunk_size`` and ``dtype``); top_k is clipped to N.
+    :func:`soft_wpmi` (see there for ``chunk_size``, ``dtype`` and ``return_log_likelihood``); top_k is
+    clipped to N.
     """
     activations, image_concept_sim = _validate(activations, image_concept_sim)
     _check_positive_int("chunk_size", chunk_size)
@@ -285,7 +292,8 @@ def wpmi(
         raise ValueError(f"min_prob must be >= 0, got {min_prob}")
     top_idx = _top_indices(activations, top_k)
     log_p_t_given_k = _chunked_log_likelihood(image_concept_sim, top_idx, None, a, min_prob, chunk_size, dtype)
-    return _pmi_from_log_likelihood(log_p_t_given_k, lam)
+    scores = _pmi_from_log_likelihood(log_p_t_given_k, lam)
+    return (scores, log_p_t_given_k) if return_log_likelihood else scores
 
 
 # --------------------------------------------------------------------------------------------------
