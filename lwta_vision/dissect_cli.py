@@ -33,6 +33,7 @@ from lwta_vision.dissect.similarity import get_similarity
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SCORERS = ("auto", "clip", "concept_clip", "ground_truth")
+_DEFAULT_CLIP_MODEL = "ViT-B-16"
 
 
 def _device(device: str) -> torch.device:
@@ -132,7 +133,13 @@ def _scorer(scorer, probe, clip_model, clip_pretrained, clip_checkpoint, device,
     data (Broden), else CLIP."""
     has_gt = hasattr(probe.dataset, "presence_matrix")  # GroundTruthScorer.from_dataset needs exactly this
     if scorer == "auto":
-        scorer = "concept_clip" if is_concept_data(probe.dataset) else "ground_truth" if has_gt else "clip"
+        from lwta_vision.concept_clip import MODEL_NAME
+
+        # another CLIP asked for by its flags wins over the concept CLIP
+        other_clip = clip_model not in (_DEFAULT_CLIP_MODEL, MODEL_NAME) or (
+            clip_checkpoint is not None and clip_model != MODEL_NAME)
+        scorer = ("concept_clip" if is_concept_data(probe.dataset) and not other_clip
+                  else "ground_truth" if has_gt and not other_clip else "clip")
     if scorer == "concept_clip":
         from lwta_vision.concept_clip.scorer import ConceptCLIPScorer
 
@@ -156,9 +163,15 @@ def _scorer(scorer, probe, clip_model, clip_pretrained, clip_checkpoint, device,
 
 
 def _check_options(scorer: Optional[str] = None, similarity: Optional[str] = None,
-                   output_dir: Optional[str] = None, output_file: Optional[str] = None) -> None:
+                   output_dir: Optional[str] = None, output_file: Optional[str] = None,
+                   tie_tol: Optional[float] = None) -> None:
     """Fail on a misspelled name or an unwritable output before loading or recording anything."""
+    import math
+
     from lwta_vision.cli import check_output_dir
+
+    if tie_tol is not None and not (math.isfinite(tie_tol) and tie_tol >= 0):
+        raise ValueError(f"--tie_tol must be a finite number >= 0 (nats of soft-WPMI), got {tie_tol}")
 
     if scorer is not None and scorer not in SCORERS:
         raise ValueError(f"unknown scorer {scorer!r}; choose one of {', '.join(SCORERS)}")
@@ -230,12 +243,13 @@ def describe(
         similarity: soft_wpmi (default), wpmi, cos_similarity, cos_similarity_cubed, rank_reorder.
         pooling: conv maps per image: mean or max. token_pooling: ViT tokens: cls or mean.
         output_dir: everything is written here.
-        tie_tol: scores closer than this are ties, decided by the unit's log p(t|k) (WPMI family) and then
-            by concept order; every row reports its ``margin`` and ``decided_by``.
+        tie_tol: soft-WPMI/WPMI scores closer than this are ties, decided by the contrast of the unit's
+            log p(t|k) with the layer's mean, then by concept order; every row reports its ``margin``,
+            ``decided_by`` and ``tie_margin``.
     """
     dev = _device(device)
     _require_layers(layers)
-    _check_options(scorer, similarity, output_dir)
+    _check_options(scorer, similarity, output_dir, tie_tol=tie_tol)
     net, probe, class_names = _load(checkpoint, torchvision_model, torchvision_weights, data, split, max_images,
                                     *_folder(image_folder))
     net = net.to(dev)
@@ -294,7 +308,7 @@ def evaluate(
     from lwta_vision.dissect.evaluate import SentenceEmbedder, evaluate_labels
 
     dev = _device(device)
-    _check_options(scorer, similarity, output_file=output)
+    _check_options(scorer, similarity, output_file=output, tie_tol=tie_tol)
     net, probe, class_names = _load(checkpoint, torchvision_model, torchvision_weights, data, split, max_images,
                                     *_folder(image_folder))
     net = net.to(dev)

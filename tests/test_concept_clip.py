@@ -16,7 +16,7 @@ from lwta_vision.concept_clip.captions import (CONCEPT_WORDS, caption, describes
                                                word_requirements)
 from lwta_vision.concept_clip.scorer import ConceptCLIPScorer
 from lwta_vision.concept_clip.train import build_images, main as train_main, zero_shot_accuracy
-from lwta_vision.datasets.shapes import ShapesConceptDataset, render_scene
+from lwta_vision.datasets.shapes import ShapesConceptDataset
 from lwta_vision.dissect.probe import ProbeSet
 from lwta_vision.dissect.scorers import CLIPScorer
 
@@ -60,19 +60,16 @@ def test_clip_stream_never_shows_an_image_of_the_network_splits():
 
 def test_captions_are_true_of_their_image_and_words_match_presence():
     rng = np.random.default_rng(0)
-    scenes = [render_scene(np.random.default_rng([7, i]), 32) for i in range(40)]
-    facts = [scene_facts(s) for s in scenes]
+    ds = ShapesConceptDataset(60, 32, seed=7, split="clip")
+    facts = [scene_facts(ds._scene(i)) for i in range(len(ds))]
     atoms = np.stack([f.atoms() for f in facts])
     caps = [caption(rng, f) for f in facts]
     truth = describes(np.stack([r for _, r in caps]), atoms)
     assert truth.diagonal().all()  # every caption describes its own image
     assert 0 < truth.mean() < 1  # and not every other image
-    ds = ShapesConceptDataset(40, 32)
+    # a single concept word is true of exactly the images the dataset annotates with that concept
     word_truth = describes(word_requirements(), atoms)  # [images, 18 words]
-    for i, s in enumerate(scenes):  # the words' truth is exactly the dataset's presence annotation
-        objects = s["objects"]
-        visible = set(s["shapes"][np.unique(objects[objects >= 0])].tolist())
-        assert {j for j in range(6) if word_truth[i, j]} == visible
+    np.testing.assert_array_equal(word_truth, ds.presence_matrix().numpy() > 0)
     assert ds.concept_names == list(CONCEPT_WORDS)
 
 

@@ -50,14 +50,14 @@ def test_cifar_sets():
 
 
 def test_generated_reads_the_data_module_lazily(monkeypatch):
-    fake = types.ModuleType("lwta_vision.data.generated")
+    fake = types.ModuleType("lwta_vision.datasets.shapes")
     fake.CONCEPT_NAMES = ["red", "circle", "striped"]
-    monkeypatch.setitem(sys.modules, "lwta_vision.data.generated", fake)
+    monkeypatch.setitem(sys.modules, "lwta_vision.datasets.shapes", fake)
     assert load_concept_set("generated") == ["red", "circle", "striped"]
 
 
 def test_generated_import_failure_is_explained(monkeypatch):
-    monkeypatch.setitem(sys.modules, "lwta_vision.data.generated", None)  # makes the import fail
+    monkeypatch.setitem(sys.modules, "lwta_vision.datasets.shapes", None)  # makes the import fail
     with pytest.raises(ImportError, match="CONCEPT_NAMES"):
         load_concept_set("generated")
 

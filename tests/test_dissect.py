@@ -161,6 +161,19 @@ def test_rank_concepts_in_row_chunks_equals_all_at_once(monkeypatch):
     assert set(chunked[1].unique().tolist()) == {0, 1, 2}  # every way of deciding occurs
 
 
+def test_tie_tolerance_applies_only_where_a_second_key_exists():
+    """Cosine scores bunch within 1e-3 of each other; they must rank by their exact value, not by order."""
+    g = torch.Generator().manual_seed(0)
+    acts = torch.rand(200, 8, generator=g)
+    sim = 0.25 + 1e-4 * torch.rand(200, 50, generator=g)  # CLIP-like: every concept about equally similar
+    res = label_layer(_record(acts), sim, [f"c{j}" for j in range(50)], similarity="cos_similarity")
+    assert [r.label for r in res.rows] == [f"c{j}" for j in res.scores.argmax(1).tolist()]
+    assert res.summary["tie_tol"] == 0.0  # only exact (float32) equalities are ties, left to concept order
+    assert {r.decided_by for r in res.rows} <= {"score", "order"}
+    with pytest.raises(ValueError, match="tie_tol"):
+        label_layer(_record(acts), sim, [f"c{j}" for j in range(50)], tie_tol=float("nan"))
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_saturated_ground_truth_labels_are_decided_by_contrast_not_rounding(seed):
     """Unit 0's top images all show concept 0 and about half show concept 1; no other unit's top images show

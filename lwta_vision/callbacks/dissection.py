@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from lwta_vision.concept_clip import is_concept_data
 from lwta_vision.dissect.concepts import load_concept_set
-from lwta_vision.dissect.engine import label_drift
+from lwta_vision.dissect.engine import TIE_TOL, label_drift
 from lwta_vision.dissect.pipeline import label_records, probe_loader
 from lwta_vision.dissect.probe import ProbeSet
 from lwta_vision.dissect.recording import LayerRecord, merge_records, record_activations, resolve_layers
@@ -51,6 +51,8 @@ class NeuronDissection(Callback):
             data must carry masks, e.g. the generated data). Logs ``dissect/<layer>/detectors``,
             ``.../unique_concepts``, ``.../mean_iou``. Every rank computes it on the full probe set.
         iou_quantile, iou_threshold: NetDissect's top quantile (0.005) and detector threshold (0.04).
+        tie_tol: soft-WPMI scores closer than this are ties, decided by the contrast key (see
+            :mod:`lwta_vision.dissect.engine`).
     """
 
     def __init__(
@@ -71,6 +73,7 @@ class NeuronDissection(Callback):
         iou_layers: Optional[list[str]] = None,
         iou_quantile: float = 0.005,
         iou_threshold: float = 0.04,
+        tie_tol: float = TIE_TOL,
     ):
         if every_n_epochs < 1:
             raise ValueError(f"NeuronDissection every_n_epochs must be >= 1, got {every_n_epochs}")
@@ -82,6 +85,9 @@ class NeuronDissection(Callback):
         self.table_images = table_images
         self.iou_layers = list(iou_layers or [])
         self.iou_quantile, self.iou_threshold = iou_quantile, iou_threshold
+        if not (tie_tol >= 0 and tie_tol < float("inf")):
+            raise ValueError(f"NeuronDissection tie_tol must be a finite number >= 0, got {tie_tol}")
+        self.tie_tol = tie_tol
         self.previous_labels: dict[str, list[Optional[str]]] = {}
         self.history: list[dict[str, Any]] = []
         self._image_concept: Optional[torch.Tensor] = None
@@ -127,7 +133,8 @@ class NeuronDissection(Callback):
         # Dissection must not change training: building a scorer initialises a model and every DataLoader
         # iterator draws a seed from the global generator, so without this fork the network a run trains
         # would depend on the dissection settings and on whether the CLIP embeddings were already cached.
-        with torch.random.fork_rng(devices=[]):
+        cuda = [pl_module.device] if pl_module.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
             self._dissect(trainer, pl_module)
 
     def _dissect(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -142,7 +149,7 @@ class NeuronDissection(Callback):
         if world > 1:
             records = _gather_records(trainer, records, len(self.probe), top_k)
         results = label_records(records, self._image_concept, self._concepts, self.similarity,
-                                self.similarity_kwargs)
+                                self.similarity_kwargs, self.tie_tol)
         epoch = trainer.current_epoch
         entry = {"epoch": epoch}
         for layer, res in results.items():

@@ -108,6 +108,7 @@ def train(
     num_eval: int = 2000,
     threads: Optional[int] = None,
     log: Callable[[str], None] = print,
+    command: Optional[str] = None,
 ) -> dict:
     """Train, measure zero-shot accuracy and write ``WEIGHTS_FILE`` (fp16 safetensors) and ``PROVENANCE_FILE``.
 
@@ -223,7 +224,7 @@ def train(
                   "image_lr": image_lr, "text_lr": text_lr, "seconds": round(time.time() - t0, 1),
                   "threads": torch.get_num_threads(), "torch": torch.__version__,
                   "open_clip": open_clip.__version__},
-        "command": "python -m lwta_vision.concept_clip " + " ".join(sys.argv[1:]) if sys.argv else "",
+        "command": command or "",
     }
     text = json.dumps(record, indent=1)
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{PROVENANCE_FILE}.", suffix=".tmp")
@@ -251,5 +252,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     for flag in ("num_images", "image_epochs", "text_epochs", "batch_size", "num_eval"):
         if getattr(a, flag) < 1:
             p.error(f"--{flag} must be >= 1")
+    argv = sys.argv[1:] if argv is None else list(argv)
     return train(a.out, seed=a.seed, num_images=a.num_images, image_epochs=a.image_epochs,
-                 text_epochs=a.text_epochs, batch_size=a.batch_size, num_eval=a.num_eval, threads=a.threads)
+                 text_epochs=a.text_epochs, batch_size=a.batch_size, num_eval=a.num_eval, threads=a.threads,
+                 command="python -m lwta_vision.concept_clip " + " ".join(argv))

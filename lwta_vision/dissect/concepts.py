@@ -5,7 +5,7 @@
 - a built-in name: ``"20k"`` (the 20,000 most frequent English words, built offline from ``wordfreq`` by
   ``tools/build_concept_sets.py``; see ``concept_sets/20k.PROVENANCE.md``), ``"imagenet1k"`` (the 1000
   ImageNet class names in class-index order), ``"cifar10"``, ``"cifar100"``, ``"generated"`` (the concept
-  names of :mod:`lwta_vision.data.generated`);
+  names of :mod:`lwta_vision.datasets.shapes`);
 - ``"broden:<folder>"``: the label names of a Broden dataset folder (its ``label.csv``);
 - anything else is a path to a UTF-8 text file with one concept per line.
 
@@ -107,14 +107,14 @@ def _builtin_file(name: str) -> list[str]:
 
 def _generated_concepts() -> list[str]:
     try:
-        from lwta_vision.data.generated import CONCEPT_NAMES
+        from lwta_vision.datasets.shapes import CONCEPT_NAMES
     except ImportError as e:
         raise ImportError(
-            f"concept set 'generated' needs lwta_vision.data.generated.CONCEPT_NAMES, which failed to import: {e}"
+            f"concept set 'generated' needs lwta_vision.datasets.shapes.CONCEPT_NAMES, which failed to import: {e}"
         ) from e
     concepts, dropped = _dedupe(str(c).strip() for c in CONCEPT_NAMES)
     if dropped or not all(concepts):
-        raise ValueError("lwta_vision.data.generated.CONCEPT_NAMES must be unique, non-empty names")
+        raise ValueError("lwta_vision.datasets.shapes.CONCEPT_NAMES must be unique, non-empty names")
     return concepts
 
 

@@ -116,8 +116,8 @@ def rank_concepts(scores: Tensor, tie_key: Optional[Tensor] = None, n: int = 3,
     decided = torch.empty(num_units, n, dtype=torch.long, device=scores.device)
     for lo in range(0, num_units, _ROWS):  # [rows, M] temporaries: bounded memory at 20k concepts
         hi = min(lo + _ROWS, num_units)
-        s = torch.nan_to_num(scores[lo:hi].double(), nan=-math.inf)
-        key = torch.zeros_like(s) if tie_key is None else torch.nan_to_num(tie_key[lo:hi].double(), nan=-math.inf)
+        s = _nan_to_minus_inf(scores[lo:hi])
+        key = torch.zeros_like(s) if tie_key is None else _nan_to_minus_inf(tie_key[lo:hi])
         taken = torch.zeros_like(s, dtype=torch.bool)
         rows = torch.arange(hi - lo, device=s.device)
         for p in range(n):
@@ -132,6 +132,12 @@ def rank_concepts(scores: Tensor, tie_key: Optional[Tensor] = None, n: int = 3,
     return index, decided
 
 
+def _nan_to_minus_inf(x: Tensor) -> Tensor:
+    """float64 copy with NaN (no score) as -inf; real infinities stay infinite."""
+    x = x.double()
+    return torch.where(torch.isnan(x), torch.full_like(x, -math.inf), x)
+
+
 def _margins(scores: Tensor, tie_key: Optional[Tensor], label: Tensor, tol: float) -> tuple[Tensor, Tensor]:
     """Per unit: the label's score minus the best other score, and its tie key minus the best other key
     among the concepts within ``tol`` of the best score (-inf/NaN where undefined)."""
@@ -139,11 +145,11 @@ def _margins(scores: Tensor, tie_key: Optional[Tensor], label: Tensor, tol: floa
     tie_gap = torch.full_like(margin, math.nan)
     for lo in range(0, scores.shape[0], _ROWS):
         hi = min(lo + _ROWS, scores.shape[0])
-        s = torch.nan_to_num(scores[lo:hi].double(), nan=-math.inf)
+        s = _nan_to_minus_inf(scores[lo:hi])
         j = label[lo:hi, None]
         margin[lo:hi] = s.gather(1, j)[:, 0] - s.scatter(1, j, -math.inf).amax(1)
         if tie_key is not None:
-            key = torch.nan_to_num(tie_key[lo:hi].double(), nan=-math.inf)
+            key = _nan_to_minus_inf(tie_key[lo:hi])
             tied = (s >= s.amax(1, keepdim=True) - tol).scatter_(1, j, False)  # the other finalists
             tie_gap[lo:hi] = key.gather(1, j)[:, 0] - key.masked_fill(~tied, -math.inf).amax(1)
     return margin, tie_gap
@@ -174,8 +180,9 @@ def label_layer(
 
     Units that never won on the probe set (LWTA losers everywhere) are reported inactive with no label:
     a label for a unit that never fires would describe noise. Scores within ``tie_tol`` of each other are
-    ties, decided by the contrast of the unit's log p(t|k) with the layer's mean where the similarity
-    provides log p(t|k) (see the module docstring and :func:`rank_concepts`).
+    ties, decided by the contrast of the unit's log p(t|k) with the layer's mean, where the similarity
+    provides log p(t|k) (the WPMI family; see the module docstring and :func:`rank_concepts`). Other
+    similarities rank by their exact score (tolerance 0), exact ties by concept order.
     """
     if image_concept.shape[1] != len(concepts):
         raise ValueError(f"image-concept matrix has {image_concept.shape[1]} columns for {len(concepts)} concepts")
@@ -195,10 +202,15 @@ def label_layer(
         else:
             s = fn(acts[:, active], image_concept.float(), **kwargs)
         scores[active] = s.double().cpu()
+    if not (math.isfinite(tie_tol) and tie_tol >= 0):
+        raise ValueError(f"tie_tol must be a finite number >= 0, got {tie_tol}")
+    # the tolerance is in soft-WPMI's nats and needs the second key; other similarities (cosines bunch within
+    # 1e-3 of each other) rank by their exact score, exact ties by concept order
+    tol = tie_tol if with_key else 0.0
     k = min(3, len(concepts))
-    top_j, how = rank_concepts(scores, tie_key, k, tie_tol)
+    top_j, how = rank_concepts(scores, tie_key, k, tol)
     top_s = scores.gather(1, top_j)
-    margin_t, gap_t = _margins(scores, tie_key, top_j[:, 0], tie_tol)
+    margin_t, gap_t = _margins(scores, tie_key, top_j[:, 0], tol)
     margin = margin_t.tolist()
     tie_margin = [g if how[u, 0] == 1 and math.isfinite(g) else None for u, g in enumerate(gap_t.tolist())]
     top_img = record.top_indices[: min(report_top_images, record.top_indices.shape[0])].T
@@ -227,20 +239,20 @@ def label_layer(
     summary = record.summary()
     labelled = [r for r in rows if r.active]
     ties = sum(r.decided_by != "score" for r in labelled)
-    near = sum(r.decided_by == "score" and r.margin is not None and r.margin < NEAR_TIE_FACTOR * tie_tol
+    near = sum(r.decided_by == "score" and r.margin is not None and r.margin < NEAR_TIE_FACTOR * tol
                for r in labelled)
     summary.update(
         {
             "similarity": similarity,
             "unique_labels": len({r.label for r in labelled}),
             "mean_top_score": (sum(r.score for r in labelled) / len(labelled)) if labelled else float("nan"),
-            "tie_tol": tie_tol,
+            "tie_tol": tol,
             "ties": ties,
             "near_ties": near,
         }
     )
     return LayerLabels(layer=record.name, rows=rows, summary=summary, scores=scores, tie_key=tie_key,
-                       tie_tol=tie_tol)
+                       tie_tol=tol)
 
 
 def label_drift(previous: Sequence[Optional[str]], current: Sequence[Optional[str]]) -> float:

@@ -217,7 +217,7 @@ class GroundTruthCaptioner:
     the dataset's exact masks, e.g. "a red circle and a blue star on a dots background".
 
     Use it to measure the rest of Describe-and-Dissect without a captioning model; it needs a probe dataset
-    with ``sample(i)`` masks (:class:`~lwta_vision.data.generated.ShapesConceptDataset`).
+    with ``sample(i)`` masks (:class:`~lwta_vision.datasets.shapes.ShapesConceptDataset`).
     """
 
     def __init__(self, dataset, min_fraction: float = 0.02):
@@ -261,7 +261,7 @@ class GeneratedConceptImages:
     """
 
     def __init__(self, image_size: int = 32, pool_size: int = 2000, split: str = "test", seed: int = 0):
-        from lwta_vision.data.generated import COLOURS, SHAPES, TEXTURES, ShapesConceptDataset
+        from lwta_vision.datasets.shapes import COLOURS, SHAPES, TEXTURES, ShapesConceptDataset
 
         self.dataset = ShapesConceptDataset(pool_size, image_size=image_size, seed=seed, split=split)
         tags = []

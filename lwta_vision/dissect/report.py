@@ -22,8 +22,8 @@ from torch import Tensor
 
 from lwta_vision.dissect.engine import NEAR_TIE_FACTOR, LayerLabels
 
-CSV_FIELDS = ["layer", "unit", "label", "score", "label_2", "score_2", "label_3", "score_3", "margin", "decided_by",
-              "tie_margin", "win_rate", "input_rate", "active", "top_images"]
+CSV_FIELDS = ["layer", "unit", "label", "score", "label_2", "score_2", "label_3", "score_3", "win_rate",
+              "input_rate", "active", "top_images", "margin", "decided_by", "tie_margin"]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -216,8 +216,8 @@ def soft_wpmi(
         chunk_size: softmax rows (and image-neuron pairs) held at once; memory ~ 2 * chunk_size * M.
         dtype: computation dtype; float64 by default because scores are sums of ~top_k logs (|score|
             in the hundreds) whose differences between concepts can be small.
-        return_log_likelihood: also return log p(t|k) [K, M], the key that decides ties between
-            saturated scores (see :func:`lwta_vision.dissect.engine.rank_concepts`).
+        return_log_likelihood: also return log p(t|k) [K, M], from which the labeling derives the key
+            that decides ties between saturated scores (see :mod:`lwta_vision.dissect.engine`).
 
     Returns:
         [K, M] scores in ``dtype``; ``argmax(dim=1)`` gives each neuron's label. With
