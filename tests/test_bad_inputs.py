@@ -295,6 +295,9 @@ def _describe(run, tmp_path, *extra):
     ("unknown concept set", ["--concepts", "20K"], "unknown concept set '20K' (did you mean '20k'?)"),
     ("unknown similarity", ["--similarity", "soft-wpmi"], "unknown similarity 'soft-wpmi'; available: soft_wpmi"),
     ("unknown scorer", ["--scorer", "cllip"], "unknown scorer 'cllip'; choose one of auto, clip, concept_clip, ground_truth"),
+    ("negative tie tolerance", ["--tie_tol", "-1"], "--tie_tol must be a finite number >= 0 (nats of soft-WPMI)"),
+    ("missing concept CLIP weights", ["--scorer", "concept_clip", "--clip_checkpoint", "/nonexistent/cc.safetensors"],
+     "CLIP checkpoint file not found: /nonexistent/cc.safetensors"),
     ("concepts not annotated", ["--scorer", "ground_truth", "--concepts", "cifar10"],
      "10 concepts are not annotated in the dataset: 'airplane'"),
     ("missing CIFAR data", ["--data", '{"class_path": "lwta_vision.data.CIFAR10DataModule", "init_args": '

@@ -31,6 +31,7 @@ NEAR_TIE_FACTOR = 10.0
 """A label decided by score with a margin below ``NEAR_TIE_FACTOR * tie_tol`` is flagged as a near tie."""
 DECIDED_BY = ("score", "contrast", "order")
 _ROWS = 256  # units ranked at once
+RANKED = 5  # concepts ranked per unit when labelling (top_labels up to this many are exact)
 
 
 @dataclass
@@ -74,9 +75,10 @@ class LayerLabels:
     layer: str
     rows: list[NeuronRow]
     summary: dict
-    scores: Optional[Tensor] = None  # [K, M] similarity of every unit (inactive rows NaN)
-    tie_key: Optional[Tensor] = None  # [K, M] second ranking key (the WPMI family's contrast)
+    scores: Optional[Tensor] = None  # [K, M] similarity of every unit (inactive rows NaN), float32
+    tie_key: Optional[Tensor] = None  # [K, M] second ranking key (the WPMI family's contrast), float32
     tie_tol: float = TIE_TOL
+    ranking: Optional[Tensor] = None  # [K, RANKED] best concepts, ranked in float64 when labelling
 
     @property
     def labels(self) -> list[Optional[str]]:
@@ -86,7 +88,10 @@ class LayerLabels:
         """Best ``n`` labels per unit (needs ``scores`` and the concept list)."""
         if self.scores is None or concepts is None:
             return [[l for l in [r.label] + r.next_labels if l] for r in self.rows]
-        idx, _ = rank_concepts(self.scores, self.tie_key, n, self.tie_tol)
+        if self.ranking is not None and n <= self.ranking.shape[1]:
+            idx = self.ranking[:, :n]
+        else:  # beyond the ranked few: re-rank the stored float32 scores
+            idx, _ = rank_concepts(self.scores, self.tie_key, n, self.tie_tol)
         return [[concepts[j] for j in row] if r.active else [] for row, r in zip(idx.tolist(), self.rows)]
 
 
@@ -207,8 +212,9 @@ def label_layer(
     # the tolerance is in soft-WPMI's nats and needs the second key; other similarities (cosines bunch within
     # 1e-3 of each other) rank by their exact score, exact ties by concept order
     tol = tie_tol if with_key else 0.0
+    ranking, how = rank_concepts(scores, tie_key, RANKED, tol)
     k = min(3, len(concepts))
-    top_j, how = rank_concepts(scores, tie_key, k, tol)
+    top_j = ranking[:, :k]
     top_s = scores.gather(1, top_j)
     margin_t, gap_t = _margins(scores, tie_key, top_j[:, 0], tol)
     margin = margin_t.tolist()
@@ -251,8 +257,10 @@ def label_layer(
             "near_ties": near,
         }
     )
-    return LayerLabels(layer=record.name, rows=rows, summary=summary, scores=scores, tie_key=tie_key,
-                       tie_tol=tol)
+    # kept for top_labels in float32: half the memory of the float64 the ranking used (2048 units x 20k
+    # concepts: 164 MB per matrix)
+    return LayerLabels(layer=record.name, rows=rows, summary=summary, scores=scores.float(),
+                       tie_key=None if tie_key is None else tie_key.float(), tie_tol=tol, ranking=ranking)
 
 
 def label_drift(previous: Sequence[Optional[str]], current: Sequence[Optional[str]]) -> float:
