@@ -6,6 +6,8 @@ recommendation), both on a real architecture (RN50) with weights made here.
 """
 import hashlib
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -105,6 +107,9 @@ def test_training_command_writes_weights_that_load(tmp_path, capsys):
     assert hashlib.sha256(weights.read_bytes()).hexdigest() == rec["sha256"]
     assert set(rec["zero_shot"]) == {"shape", "colour", "texture", "class"}
     assert not list(tmp_path.glob(".*.tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(weights.stat().st_mode) == 0o666 & ~umask  # package data: not private to its writer
     sc = ConceptCLIPScorer(checkpoint=str(weights), use_cache=False)
     assert sc.text_embeddings(["red"]).shape == (1, 64)
     assert "zero-shot" in capsys.readouterr().out

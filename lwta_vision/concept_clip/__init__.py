@@ -20,9 +20,7 @@ generated data), which is :class:`~lwta_vision.dissect.scorers.CLIPScorer` with 
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from importlib import resources
 from pathlib import Path
 from typing import Optional
@@ -73,14 +71,6 @@ def weights_path() -> Path:
 def provenance() -> dict:
     """How the shipped weights were made: command, seed, sha256, zero-shot accuracy."""
     return json.loads((_weights_dir() / PROVENANCE_FILE).read_text())
-
-
-def sha256(path: os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def __getattr__(name: str):

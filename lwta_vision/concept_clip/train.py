@@ -22,7 +22,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -32,10 +31,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from lwta_vision.concept_clip import MODEL_NAME, PROVENANCE_FILE, WEIGHTS_FILE, register, sha256
+from lwta_vision.concept_clip import MODEL_NAME, PROVENANCE_FILE, WEIGHTS_FILE, register
 from lwta_vision.concept_clip.captions import (CONCEPT_WORDS, NC, NS, NT, NUM_ATOMS, caption, describes,
                                                scene_facts, word_requirements)
 from lwta_vision.datasets.shapes import _PALETTE, ShapesConceptDataset
+from lwta_vision.dissect.cache import hash_file
 
 ATTRIBUTES = {"shape": (0, NS), "colour": (NS, NS + NC), "texture": (NS + NC, NS + NC + NT)}
 EVAL_SEED_OFFSET = 1_000_003  # held-out images: another seed of the same stream
@@ -115,7 +115,9 @@ def train(
     Returns the provenance record (also written to ``out_dir``).
     """
     import open_clip
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from lwta_vision.dissect.report import atomic_write_bytes, atomic_write_text
 
     if threads:
         torch.set_num_threads(threads)
@@ -200,21 +202,13 @@ def train(
     # ship in fp16 and measure what ships
     state = {k: v.detach().half().contiguous() if v.is_floating_point() else v.contiguous()
              for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{WEIGHTS_FILE}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the weights are package data
-        os.replace(tmp, out_dir / WEIGHTS_FILE)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_bytes(out_dir / WEIGHTS_FILE, save(state))
     shipped, _, shipped_pp = open_clip.create_model_and_transforms(name, pretrained=str(out_dir / WEIGHTS_FILE))
     acc = zero_shot_accuracy(shipped, tokenizer, ex, eatoms, elabels)
     record = {
         "model_name": MODEL_NAME,
         "weights": WEIGHTS_FILE,
-        "sha256": sha256(out_dir / WEIGHTS_FILE),
+        "sha256": hash_file(out_dir / WEIGHTS_FILE),
         "bytes": (out_dir / WEIGHTS_FILE).stat().st_size,
         "zero_shot": acc,
         "held_out": {"images": num_eval, "seed": seed + EVAL_SEED_OFFSET, "image_sizes": list(image_sizes),
@@ -226,12 +220,7 @@ def train(
                   "open_clip": open_clip.__version__},
         "command": command or "",
     }
-    text = json.dumps(record, indent=1)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{PROVENANCE_FILE}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, out_dir / PROVENANCE_FILE)
+    atomic_write_text(out_dir / PROVENANCE_FILE, json.dumps(record, indent=1))
     log(f"zero-shot on {num_eval} held-out images: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
     log(f"wrote {out_dir / WEIGHTS_FILE} ({record['bytes'] / 1e6:.1f} MB) and {out_dir / PROVENANCE_FILE} "
         f"in {record['train']['seconds']:.0f} s")

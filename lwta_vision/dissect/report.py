@@ -27,17 +27,25 @@ CSV_FIELDS = ["layer", "unit", "label", "score", "label_2", "score_2", "label_3"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temp file and a rename; the file gets the permissions of an ordinary ``open`` (umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: Path, text: str) -> None:
