@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from lwta_vision.concept_clip import CONCEPT_WORDS, MODEL_NAME, default_checkpoint, register
+from lwta_vision.concept_clip import CONCEPT_WORDS, default_checkpoint, register
 from lwta_vision.dissect.scorers import CLIPScorer
 
 
