@@ -156,9 +156,9 @@ def train(
         log(f"image epoch {epoch + 1}/{image_epochs}: loss {loss.item():.3f} ({time.time() - t0:.0f} s)")
 
     # stage 2: lock the image tower; the text tower learns to describe it
-    model.lock_image_tower()
+    model.lock_image_tower()  # its embeddings are computed once below; only the text tower trains
     feats = encode_images(model, x)
-    flips = [encode_images(model, x.flip(3))]  # a second view of every image, at no training cost
+    flipped = encode_images(model, x.flip(3))  # a second view of every image, at no training cost
     words = tokenizer(list(CONCEPT_WORDS))
     word_req = torch.from_numpy(word_requirements())
     text_params = [p for n, p in model.named_parameters() if not n.startswith("visual.")]
@@ -185,7 +185,7 @@ def train(
             caps, reqs = zip(*(caption(rng, facts[i]) for i in idx.tolist()))
             tokens = torch.cat([tokenize(caps), words])
             req = torch.cat([torch.from_numpy(np.stack(reqs)), word_req])
-            img = (flips[0] if b % 2 else feats)[idx]
+            img = (flipped if b % 2 else feats)[idx]
             txt = F.normalize(model.encode_text(tokens), dim=-1)
             logits = model.logit_scale.exp() * img @ txt.T + bias
             target = torch.from_numpy(describes(req.numpy(), atoms[idx].numpy())).float()
