@@ -9,8 +9,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lwta_vision.data.generated import ShapesConceptDataset
 from lwta_vision.dissect.engine import LayerLabels, NeuronRow
-from lwta_vision.dissect.iou import (GeneratedMasks, TopQuantile, iou_dissect, label_agreement, mask_source_for,
-                                     streaming_thresholds, top_rank)
+from lwta_vision.dissect.iou import (GeneratedMasks, TopQuantile, iou_dissect, iou_matrix, label_agreement,
+                                     mask_source_for, streaming_thresholds, top_rank)
 from lwta_vision.dissect.probe import ProbeSet
 from lwta_vision.dissect.report import write_tables
 
@@ -211,3 +211,180 @@ def test_label_agreement_counts_only_detectors():
     assert math.isnan(label_agreement(text, _labels([None] * 5, [0.0] * 5))["agreement"])
     with pytest.raises(ValueError, match="same layer"):
         label_agreement(_labels(["a"]), iou)
+
+
+
+# ------------------------------------------------------------------ NetDissect-Lite's category-gated union
+def _netdissect_reference(maps, thresholds, mask_list, categories, gated=True):
+    """NetDissect-Lite's tally written out with loops over images, units and concepts: per image and unit,
+    the unit's active pixels go to the union of a category's concepts only if they touch a pixel labelled
+    with some concept of that category. ``gated=False``: every image's active pixels, sum |M_k | L_c|."""
+    num_k, num_m = maps.shape[1], len(categories)
+    cats = sorted(set(categories))
+    inter = torch.zeros(num_k, num_m, dtype=torch.float64)
+    units_cat = {(k, cat): 0.0 for k in range(num_k) for cat in cats}
+    labels = torch.zeros(num_m, dtype=torch.float64)
+    for img, lab in enumerate(mask_list):
+        lab = torch.as_tensor(lab, dtype=torch.bool)
+        labels += lab.flatten(1).sum(1).double()
+        up = nn.functional.interpolate(maps[img:img + 1].float(), size=lab.shape[-2:], mode="bilinear",
+                                       align_corners=False)[0]
+        for k in range(num_k):
+            active = up[k] > thresholds[k]
+            for c in range(num_m):
+                inter[k, c] += (active & lab[c]).sum().item()
+            for cat in cats:
+                touched = any((active & lab[c]).any().item() for c in range(num_m) if categories[c] == cat)
+                units_cat[k, cat] += active.sum().item() * (touched or not gated)
+    iou = torch.zeros(num_k, num_m, dtype=torch.float64)
+    for k in range(num_k):
+        for c in range(num_m):
+            union = units_cat[k, categories[c]] + labels[c].item() - inter[k, c].item()
+            iou[k, c] = inter[k, c] / union if union > 0 else 0.0
+    return iou.float()
+
+
+def _ungated_iou(maps, thresholds, masks):
+    """Vectorised sum |M_k & L_c| / sum |M_k | L_c| for maps [N, K, h, w] and equal-size masks [N, M, H, W]."""
+    up = nn.functional.interpolate(maps.float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)
+    binary = (up > thresholds[None, :, None, None]).double().flatten(2)  # [N, K, P]
+    lab = masks.double().flatten(2)  # [N, M, P]
+    inter = torch.einsum("nkp,nmp->km", binary, lab)
+    union = binary.sum((0, 2))[:, None] + lab.sum((0, 2))[None, :] - inter
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.zeros_like(inter)).float()
+
+
+def _exact_thresholds(maps, q):
+    flat = maps.transpose(0, 1).reshape(maps.shape[1], -1)
+    return flat.sort(1, descending=True).values[:, top_rank(q, flat.shape[1]) - 1]
+
+
+def _labels_from(iou, names):
+    best, j = iou.max(1)
+    return [names[c] if s > 0 else None for s, c in zip(best.tolist(), j.tolist())]
+
+
+class PartialMasks:
+    """Three categories: 'object' pixel-level with unlabelled pixels, 'texture' image-level (full planes) on
+    two images in three, 'part' pixel-level and missing from odd images altogether. Two mask sizes."""
+
+    concept_names = ["o1", "o2", "t1", "t2", "p1"]
+    concept_categories = ["object", "object", "texture", "texture", "part"]
+
+    def __init__(self, n, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self._masks = []
+        for i in range(n):
+            h, w = (8, 8) if i % 3 else (6, 10)
+            m = torch.zeros(5, h, w, dtype=torch.bool)
+            obj = torch.randint(0, 3, (h, w), generator=g)  # 0: unlabelled
+            m[0], m[1] = obj == 1, obj == 2
+            if i % 3:  # texture t1 or t2 on the whole image; none on every third image
+                m[1 + i % 3] = True
+            if i % 2 == 0:
+                m[4] = torch.rand(h, w, generator=g) < 0.3
+            self._masks.append(m)
+
+    def __len__(self):
+        return len(self._masks)
+
+    def masks(self, i):
+        return self._masks[i]
+
+
+class PartialPresentMasks(PartialMasks):
+    """The same data through present_masks (as Broden serves it)."""
+
+    def present_masks(self, i):
+        m = self._masks[i]
+        idx = m.flatten(1).any(1).nonzero().flatten()
+        return idx, m[idx]
+
+
+@pytest.mark.parametrize("source_cls", [PartialMasks, PartialPresentMasks])
+def test_iou_union_matches_netdissect_lite_tally_on_partially_annotated_categories(source_cls):
+    torch.manual_seed(1)
+    n, k = 9, 5
+    maps = torch.randn(n, k, 4, 4)
+    source = source_cls(n)
+    mask_list = [source.masks(i) for i in range(n)]
+    cats = source.concept_categories
+    # the real path: iou_dissect (exact r-th largest thresholds; uneven batches mixing two mask sizes)
+    q = 0.2
+    labels, iou = iou_dissect(identity(), "0", MapsProbe(maps), source, quantile=q, batch_size=4)
+    t = _exact_thresholds(maps, q)
+    ref = _netdissect_reference(maps, t, mask_list, cats)
+    assert torch.allclose(iou, ref, atol=1e-6, rtol=0)
+    assert [r.label for r in labels.rows] == _labels_from(ref, source.concept_names)
+    # the gate matters on this data: the ungated union gives other IoUs (and other labels)
+    ungated = _netdissect_reference(maps, t, mask_list, cats, gated=False)
+    assert (ungated - ref).abs().max() > 0.01
+    # random thresholds through iou_matrix directly, given the category index of each concept
+    flat = maps.transpose(0, 1).reshape(k, -1)
+    lo, hi = flat.min(1).values, flat.max(1).values
+    t_rand = lo + torch.rand(k) * (hi - lo)
+    batches = []
+    for b0 in range(0, n, 4):
+        ids = list(range(b0, min(n, b0 + 4)))
+        present = [(m.flatten(1).any(1).nonzero().flatten(), m) for m in (mask_list[i] for i in ids)]
+        present = [(idx, m[idx]) for idx, m in present]
+        batches.append((maps[ids], torch.tensor(ids), [p[0] for p in present], [p[1] for p in present]))
+    cat_ids = torch.tensor([sorted(set(cats)).index(c) for c in cats])
+    got = iou_matrix(identity(), "0", batches, t_rand, 5, categories=cat_ids)
+    assert torch.allclose(got, _netdissect_reference(maps, t_rand, mask_list, cats), atol=1e-6, rtol=0)
+    assert torch.equal(iou_matrix(identity(), "0", batches, t_rand, 5, categories=cat_ids, fully_annotated=True),
+                       iou_matrix(identity(), "0", batches, t_rand, 5))  # no gate: the ungated union
+    assert torch.allclose(iou_matrix(identity(), "0", batches, t_rand, 5),
+                          _netdissect_reference(maps, t_rand, mask_list, cats, gated=False), atol=1e-6, rtol=0)
+
+
+def test_generated_shapes_data_keeps_the_ungated_union(shapes):
+    _ds, source, masks = shapes
+    assert source.fully_annotated
+    torch.manual_seed(2)
+    maps = torch.rand(masks.shape[0], 6, 16, 16)  # upsampled to the 32x32 masks
+    q = 0.05
+    labels, iou = iou_dissect(identity(), "0", MapsProbe(maps), source, quantile=q, batch_size=10)
+    ref = _ungated_iou(maps, _exact_thresholds(maps, q), masks)
+    assert torch.equal(iou, ref)
+    assert [r.label for r in labels.rows] == _labels_from(ref, source.concept_names)
+
+    class NotFullyAnnotated(GeneratedMasks):
+        fully_annotated = False
+
+    # the exception matters: background pixels carry no concept, so the gate would change the IoUs
+    _labels2, gated = iou_dissect(identity(), "0", MapsProbe(maps), NotFullyAnnotated(source.dataset),
+                                  quantile=q, batch_size=10)
+    assert not torch.equal(gated, ref)
+
+
+class EveryPixelLabelled:
+    """No ``fully_annotated`` attribute, but every pixel carries one concept of each category: the gate
+    always opens where the unit fires, so the union is the ungated one."""
+
+    concept_names = ["a1", "a2", "a3", "b1", "b2"]
+    concept_categories = ["a", "a", "a", "b", "b"]
+
+    def __init__(self, n):
+        g = torch.Generator().manual_seed(5)
+        a = torch.randint(0, 3, (n, 8, 8), generator=g)
+        b = torch.randint(0, 2, (n, 8, 8), generator=g)
+        self.all = torch.stack([a == 0, a == 1, a == 2, b == 0, b == 1], 1)
+
+    def __len__(self):
+        return len(self.all)
+
+    def masks(self, i):
+        return self.all[i]
+
+
+def test_source_labelled_everywhere_in_every_category_gives_the_ungated_union():
+    torch.manual_seed(3)
+    maps = torch.randn(7, 4, 4, 4)
+    source = EveryPixelLabelled(7)
+    assert not hasattr(source, "fully_annotated")
+    q = 0.1
+    labels, iou = iou_dissect(identity(), "0", MapsProbe(maps), source, quantile=q, batch_size=3)
+    ref = _ungated_iou(maps, _exact_thresholds(maps, q), source.all)
+    assert torch.equal(iou, ref)
+    assert [r.label for r in labels.rows] == _labels_from(ref, source.concept_names)
