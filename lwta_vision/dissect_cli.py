@@ -267,7 +267,8 @@ def describe(
     for layer, res in results.items():
         s = res.summary
         print(f"{layer}: {s['active_units']}/{s['units']} units active, {s['unique_labels']} unique labels, "
-              f"mean score {s['mean_top_score']:.3g}, {s['ties']} ties decided by the second key")
+              f"mean score {s['mean_top_score']:.3g}, {s['ties']} ties decided by the second key, label quality "
+              f"corr {s['mean_label_corr']:.2f} AUPRC {s['mean_label_auprc']:.2f} (chance {s['mean_label_base_rate']:.2f})")
     print(f"wrote {output_dir}/ (index.html, <layer>.csv/.json, summary.json)")
     return {k: v.summary for k, v in results.items()}
 
@@ -334,12 +335,16 @@ def evaluate(
                     "ties": sum(r.decided_by not in (None, "score") for r in res.rows),
                     "min_margin": min((m for m in margins if m is not None), default=None),
                     "min_tie_margin": min((r.tie_margin for r in res.rows if r.tie_margin is not None), default=None),
-                    "labels": res.labels, "margins": margins, "decided_by": [r.decided_by for r in res.rows]})
+                    "mean_label_corr": res.summary["mean_label_corr"],
+                    "mean_label_auprc": res.summary["mean_label_auprc"],
+                    "labels": res.labels, "margins": margins, "decided_by": [r.decided_by for r in res.rows],
+                    "label_corr": [r.label_corr for r in res.rows], "label_auprc": [r.label_auprc for r in res.rows]})
     if output:
         from lwta_vision.dissect.report import atomic_write_text
 
         atomic_write_text(Path(output), json.dumps(metrics, indent=1))
-    print(json.dumps({k: v for k, v in metrics.items() if k not in ("labels", "margins", "decided_by")}))
+    print(json.dumps({k: v for k, v in metrics.items()
+                      if k not in ("labels", "margins", "decided_by", "label_corr", "label_auprc")}))
     for name, row in zip(class_names, res.rows):
         how = "" if row.decided_by in (None, "score") else f", tie decided by {row.decided_by}" + (
             f" by {row.tie_margin:.3g}" if row.tie_margin is not None else "")

@@ -29,7 +29,9 @@ class NeuronDissection(Callback):
 
     Logs per layer ``dissect/<layer>/unique_labels``, ``.../mean_score``, ``.../active_fraction``,
     ``.../ties`` (labels decided by the tie-break key, see :mod:`lwta_vision.dissect.engine`),
-    ``.../label_drift`` (fraction of units whose label changed since the last dissection), writes the label
+    ``.../label_drift`` (fraction of units whose label changed since the last dissection),
+    ``.../label_corr`` and ``.../label_auprc`` (label quality averaged over the labelled units: how
+    describable the layer is, see :mod:`lwta_vision.dissect.quality`), writes the label
     table as CSV under ``<log_dir>/dissection/epoch_<n>/`` and, with a wandb logger, a wandb Table with
     each unit's top images.
 
@@ -161,6 +163,9 @@ class NeuronDissection(Callback):
                 "mean_score": float(res.summary["mean_top_score"]),
                 "active_fraction": float(res.summary["active_fraction"]),
                 "ties": float(res.summary["ties"]),
+                # how describable the layer is: label quality averaged over its labelled units
+                "label_corr": float(res.summary["mean_label_corr"]),
+                "label_auprc": float(res.summary["mean_label_auprc"]),
             }
             if drift == drift:  # not NaN: a previous dissection exists
                 metrics["label_drift"] = drift

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+import torch
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
@@ -35,6 +36,10 @@ class ConceptDataModule(VisionDataModule):
         augment: random horizontal flips for training (off by default: the data is already varied).
         data_dir: unused; accepted so that configs can set ``data_dir`` for every DataModule alike.
         pin_memory: pin host memory in the loaders.
+        concept_masks: training batches become ``(images, labels, masks)`` with bool masks ``[B, M, H, W]``
+            (``concept_names`` order), for units planted to detect a concept
+            (``LitClassifier(planted=...)``); needs ``augment: false``, since a flip would move the image
+            and not its masks.
     """
 
     name = "shapes"
@@ -49,7 +54,8 @@ class ConceptDataModule(VisionDataModule):
 
     def __init__(self, num_train: int = 8000, num_val: int = 1000, num_test: int = 1000,
                  image_size: int = 64, seed: int = 0, batch_size: int = 128, num_workers: int = 0,
-                 augment: bool = False, data_dir: Optional[str] = None, pin_memory: bool = False):
+                 augment: bool = False, data_dir: Optional[str] = None, pin_memory: bool = False,
+                 concept_masks: bool = False):
         super().__init__(data_dir, batch_size=batch_size, num_workers=num_workers, val_fraction=None,
                          seed=seed, augment=augment, pin_memory=pin_memory)
         for arg, value in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test)):
@@ -57,7 +63,11 @@ class ConceptDataModule(VisionDataModule):
                 raise ValueError(f"{arg} must be positive, got {value}; set data.init_args.{arg}")
         if image_size < 16:
             raise ValueError(f"image_size must be at least 16, got {image_size}; set data.init_args.image_size")
+        if concept_masks and augment:
+            raise ValueError("concept_masks: true needs augment: false (a flipped image would no longer match its "
+                             "masks); set data.init_args.augment: false")
         self.num_train, self.num_val, self.num_test = num_train, num_val, num_test
+        self.concept_masks = concept_masks
         self.image_size = image_size
         self.name = f"shapes{image_size}-seed{seed}"
 
@@ -68,3 +78,23 @@ class ConceptDataModule(VisionDataModule):
 
     def _augmentation(self) -> list[Callable]:
         return [T.RandomHorizontalFlip()]
+
+    def dataset(self, split: str) -> Dataset:
+        ds = super().dataset(split)
+        if split == "train" and self.concept_masks:
+            return _WithConceptMasks(ds, self._raw["train"][0])
+        return ds
+
+
+class _WithConceptMasks(Dataset):
+    """``(image, label, masks)`` items: a view of the shapes data plus each image's bool concept masks."""
+
+    def __init__(self, view: Dataset, shapes: ShapesConceptDataset):
+        self.view, self.shapes = view, shapes
+
+    def __len__(self) -> int:
+        return len(self.view)
+
+    def __getitem__(self, i: int):
+        x, y = self.view[i]
+        return x, y, torch.from_numpy(self.shapes.concept_masks(i))

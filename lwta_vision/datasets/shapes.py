@@ -201,6 +201,22 @@ def render_scene(rng: np.random.Generator, image_size: int) -> dict:
             "label": label, "object_colours": obj_colours, "texture_colour": texture_colour}
 
 
+def _pixel_shapes(scene: dict) -> np.ndarray:
+    """int ``[H, W]``: the shape index of the object at each pixel, -1 on the background."""
+    objects = scene["objects"]
+    return np.where(objects >= 0, scene["shapes"][np.maximum(objects, 0)], -1)
+
+
+def _concept_masks(pixel_shape: np.ndarray, colours: np.ndarray, texture: int) -> np.ndarray:
+    """Bool ``[M, H, W]`` masks in ``CONCEPT_NAMES`` order: shapes, colours, then the (full-plane) texture."""
+    h, w = colours.shape
+    shape_masks = pixel_shape[None] == np.arange(len(SHAPES))[:, None, None]
+    colour_masks = colours[None] == np.arange(len(COLOURS))[:, None, None]
+    texture_masks = np.zeros((len(TEXTURES), h, w), dtype=bool)
+    texture_masks[texture] = True
+    return np.concatenate([shape_masks, colour_masks, texture_masks])
+
+
 class ShapesConceptDataset(Dataset):
     """Shapes over textures, with exact masks for every shape, colour and texture concept.
 
@@ -236,6 +252,9 @@ class ShapesConceptDataset(Dataset):
         self._images: Optional[np.ndarray] = None
         self._labels: Optional[np.ndarray] = None
         self._presence: Optional[torch.Tensor] = None
+        self._pixel_shape: Optional[np.ndarray] = None  # int8 [N, H, W]: shape index per pixel, -1 background
+        self._pixel_colour: Optional[np.ndarray] = None  # uint8 [N, H, W]: palette index per pixel
+        self._texture: Optional[np.ndarray] = None  # int64 [N]
 
     def __len__(self) -> int:
         return self.num_samples
@@ -259,16 +278,18 @@ class ShapesConceptDataset(Dataset):
             one per concept in ``concept_names``) and ``presence`` (float32 ``[M]``: mask is non-empty).
         """
         scene = self._scene(i)
-        colours, objects = scene["colours"], scene["objects"]
-        h = w = self.image_size
-        shape_of_pixel = np.where(objects >= 0, scene["shapes"][np.maximum(objects, 0)], -1)
-        shape_masks = shape_of_pixel[None] == np.arange(len(SHAPES))[:, None, None]
-        colour_masks = colours[None] == np.arange(len(COLOURS))[:, None, None]
-        texture_masks = np.zeros((len(TEXTURES), h, w), dtype=bool)
-        texture_masks[scene["texture"]] = True
-        masks = np.concatenate([shape_masks, colour_masks, texture_masks])
+        colours = scene["colours"]
+        masks = _concept_masks(_pixel_shapes(scene), colours, scene["texture"])
         return {"image": _PALETTE[colours], "label": scene["label"], "masks": masks,
                 "presence": masks.reshape(len(masks), -1).any(1).astype(np.float32)}
+
+    def concept_masks(self, i: int) -> np.ndarray:
+        """Bool ``[M, H, W]`` concept masks of sample ``i`` (as in :meth:`sample`); from memory once
+        materialised, which is what lets training read them every step (planted units)."""
+        if self._pixel_shape is None:
+            return self.sample(i)["masks"]
+        i = self._check_index(i)
+        return _concept_masks(self._pixel_shape[i], self._pixel_colour[i], int(self._texture[i]))
 
     def materialize(self) -> "ShapesConceptDataset":
         """Render every image once and keep images, labels and presence in memory (~12 KB per 64px image).
@@ -281,6 +302,9 @@ class ShapesConceptDataset(Dataset):
             images = np.empty((n, s, s, 3), dtype=np.uint8)
             labels = np.empty(n, dtype=np.int64)
             presence = np.zeros((n, len(CONCEPT_NAMES)), dtype=np.float32)
+            pixel_shape = np.empty((n, s, s), dtype=np.int8)
+            pixel_colour = np.empty((n, s, s), dtype=np.uint8)
+            texture = np.empty(n, dtype=np.int64)
             n_shapes, n_colours = len(SHAPES), len(COLOURS)
             for i in range(n):
                 scene = self._scene(i)
@@ -291,7 +315,9 @@ class ShapesConceptDataset(Dataset):
                 presence[i, n_shapes:n_shapes + n_colours] = np.bincount(
                     scene["colours"].ravel(), minlength=len(_PALETTE))[:n_colours] > 0
                 presence[i, n_shapes + n_colours + scene["texture"]] = 1.0
+                pixel_shape[i], pixel_colour[i], texture[i] = _pixel_shapes(scene), scene["colours"], scene["texture"]
             self._images, self._labels = images, labels
+            self._pixel_shape, self._pixel_colour, self._texture = pixel_shape, pixel_colour, texture
             self._presence = torch.from_numpy(presence)
         return self
 

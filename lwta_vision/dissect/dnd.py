@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lwta_vision.dissect.engine import LayerLabels, NeuronRow
+from lwta_vision.dissect.quality import otsu_threshold
 from lwta_vision.dissect.probe import ProbeSet
 from lwta_vision.dissect.recording import LayerRecord, order_by_image, record_activations, spatial_maps
 
@@ -34,28 +35,6 @@ Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, end exclusive
 
 
 # ---------------------------------------------------------------------------------------------- stage 1
-def otsu_threshold(values: Tensor, bins: int = 256) -> float:
-    """Otsu's threshold: the cut maximising the between-class variance of a value histogram.
-
-    Returns a value ``t``; the foreground is ``values > t``. A constant input returns its value (nothing is
-    foreground).
-    """
-    v = values.detach().flatten().double()
-    lo, hi = float(v.min()), float(v.max())
-    if hi <= lo:
-        return hi
-    hist = torch.histc(v, bins=bins, min=lo, max=hi)
-    p = hist / hist.sum()
-    centers = lo + (torch.arange(bins, dtype=torch.float64) + 0.5) * (hi - lo) / bins
-    w0 = p.cumsum(0)
-    mu = (p * centers).cumsum(0)
-    w1 = 1 - w0
-    between = (mu[-1] * w0 - mu) ** 2 / (w0 * w1).clamp_min(1e-12)
-    between[(w0 <= 0) | (w1 <= 1e-12)] = -1
-    k = int(between.argmax())
-    return float(lo + (k + 1) * (hi - lo) / bins)  # upper edge of the last background bin
-
-
 def connected_components(mask: Tensor) -> Tensor:
     """Label the 8-connected regions of a boolean ``[H, W]`` mask: int64 labels, 0 = background.
 

@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from lwta_vision.dissect.quality import label_quality
 from lwta_vision.dissect.recording import LayerRecord, order_by_image
 from lwta_vision.dissect.similarity import get_similarity
 
@@ -30,6 +31,7 @@ TIE_TOL = 1e-3
 NEAR_TIE_FACTOR = 10.0
 """A label decided by score with a margin below ``NEAR_TIE_FACTOR * tie_tol`` is flagged as a near tie."""
 DECIDED_BY = ("score", "contrast", "order")
+PRIOR_UNITS = ("active", "all")
 _ROWS = 256  # units ranked at once
 RANKED = 5  # concepts ranked per unit when labelling (top_labels up to this many are exact)
 
@@ -49,6 +51,9 @@ class NeuronRow:
     margin: Optional[float] = None  # score minus the best other concept's score
     tie_margin: Optional[float] = None  # in a tie: the label's contrast minus the best other tied concept's
     decided_by: Optional[str] = None  # "score", "contrast" (a tie within tie_tol) or "order"
+    label_corr: Optional[float] = None  # Pearson(activation, the label's signal) over the probe images
+    label_auprc: Optional[float] = None  # AUPRC of the activation against the label's presence
+    label_base_rate: Optional[float] = None  # the label's presence rate: AUPRC's chance level
 
     def as_dict(self) -> dict:
         return {
@@ -66,6 +71,9 @@ class NeuronRow:
             "margin": self.margin,
             "decided_by": self.decided_by,
             "tie_margin": self.tie_margin,
+            "label_corr": self.label_corr,
+            "label_auprc": self.label_auprc,
+            "label_base_rate": self.label_base_rate,
             "top_images": self.top_images,
         }
 
@@ -180,6 +188,7 @@ def label_layer(
     similarity_kwargs: Optional[dict] = None,
     report_top_images: int = 10,
     tie_tol: float = TIE_TOL,
+    prior_units: str = "active",
 ) -> LayerLabels:
     """Score every active unit of a layer against every concept and keep the best three labels.
 
@@ -187,8 +196,15 @@ def label_layer(
     a label for a unit that never fires would describe noise. Scores within ``tie_tol`` of each other are
     ties, decided by the contrast of the unit's log p(t|k) with the layer's mean, where the similarity
     provides log p(t|k) (the WPMI family; see the module docstring and :func:`rank_concepts`). Other
-    similarities rank by their exact score (tolerance 0), exact ties by concept order.
+    similarities rank by their exact score (tolerance 0), exact ties by concept order. Every labelled row
+    carries its label's quality, ``label_corr`` and ``label_auprc`` (see :mod:`lwta_vision.dissect.quality`).
+
+    ``prior_units``: the units over which the WPMI family's prior log p(t) (and the tie key's mean) is
+    taken: ``"active"`` (default) or ``"all"`` (CLIP-Dissect's code, which includes units that never fire;
+    their "top images" are an arbitrary tie among zeros). Measured on planted units (RESULTS.md §4).
     """
+    if prior_units not in PRIOR_UNITS:
+        raise ValueError(f"prior_units must be one of {', '.join(PRIOR_UNITS)}, got {prior_units!r}")
     if image_concept.shape[1] != len(concepts):
         raise ValueError(f"image-concept matrix has {image_concept.shape[1]} columns for {len(concepts)} concepts")
     n = image_concept.shape[0]
@@ -201,12 +217,13 @@ def label_layer(
     scores = torch.full((record.num_units, len(concepts)), float("nan"), dtype=torch.float64)
     tie_key = torch.full_like(scores, float("nan")) if with_key else None
     if active.any():
+        over = active if prior_units == "active" else torch.ones_like(active)
         if with_key:
-            s, log_p = fn(acts[:, active], image_concept.float(), return_log_likelihood=True, **kwargs)
-            tie_key[active] = tie_contrast(log_p).double().cpu()
+            s, log_p = fn(acts[:, over], image_concept.float(), return_log_likelihood=True, **kwargs)
+            tie_key[active] = tie_contrast(log_p).double().cpu()[active[over]]
         else:
-            s = fn(acts[:, active], image_concept.float(), **kwargs)
-        scores[active] = s.double().cpu()
+            s = fn(acts[:, over], image_concept.float(), **kwargs)
+        scores[active] = s.double().cpu()[active[over]]
     if not (math.isfinite(tie_tol) and tie_tol >= 0):
         raise ValueError(f"tie_tol must be a finite number >= 0, got {tie_tol}")
     # the tolerance is in soft-WPMI's nats and needs the second key; other similarities (cosines bunch within
@@ -220,6 +237,8 @@ def label_layer(
     margin = margin_t.tolist()
     tie_margin = [g if how[u, 0] == 1 and math.isfinite(g) else None for u, g in enumerate(gap_t.tolist())]
     top_img = record.top_indices[: min(report_top_images, record.top_indices.shape[0])].T
+    quality = label_quality(acts, image_concept, torch.where(active.cpu(), top_j[:, 0], -1))
+    quality = {k: [_finite_or_none(v) for v in t.tolist()] for k, t in quality.items()}
     rows = []
     for u in range(record.num_units):
         is_active = bool(active[u])
@@ -240,6 +259,7 @@ def label_layer(
                 margin=(margin[u] if math.isfinite(margin[u]) else None) if is_active else None,
                 decided_by=DECIDED_BY[int(how[u, 0])] if is_active else None,
                 tie_margin=tie_margin[u] if is_active else None,
+                **{k: quality[k][u] for k in quality},
             )
         )
     summary = record.summary()
@@ -255,12 +275,24 @@ def label_layer(
             "tie_tol": tol,
             "ties": ties,
             "near_ties": near,
+            "mean_label_corr": _mean_of(r.label_corr for r in labelled),
+            "mean_label_auprc": _mean_of(r.label_auprc for r in labelled),
+            "mean_label_base_rate": _mean_of(r.label_base_rate for r in labelled),
         }
     )
     # kept for top_labels in float32: half the memory of the float64 the ranking used (2048 units x 20k
     # concepts: 164 MB per matrix)
     return LayerLabels(layer=record.name, rows=rows, summary=summary, scores=scores.float(),
                        tie_key=None if tie_key is None else tie_key.float(), tie_tol=tol, ranking=ranking)
+
+
+def _finite_or_none(v: float) -> Optional[float]:
+    return v if math.isfinite(v) else None
+
+
+def _mean_of(values) -> float:
+    v = [x for x in values if x is not None]
+    return sum(v) / len(v) if v else float("nan")
 
 
 def label_drift(previous: Sequence[Optional[str]], current: Sequence[Optional[str]]) -> float:

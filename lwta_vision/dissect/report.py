@@ -23,7 +23,8 @@ from torch import Tensor
 from lwta_vision.dissect.engine import NEAR_TIE_FACTOR, LayerLabels
 
 CSV_FIELDS = ["layer", "unit", "label", "score", "label_2", "score_2", "label_3", "score_3", "win_rate",
-              "input_rate", "active", "top_images", "margin", "decided_by", "tie_margin"]
+              "input_rate", "active", "top_images", "margin", "decided_by", "tie_margin",
+              "label_corr", "label_auprc", "label_base_rate"]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -148,6 +149,9 @@ def write_html(
                     parts.append(f" <span class='t'>{html.escape(flag)}</span>")
                 alt = ", ".join(f"{html.escape(l)} ({s:.3g})" for l, s in zip(row.next_labels, row.next_scores))
                 parts.append(f"<div class='s'>next: {alt}</div>")
+                quality = _quality_text(row)
+                if quality:
+                    parts.append(f"<div class='s'>{html.escape(quality)}</div>")
             else:
                 parts.append("<i>inactive (never won on the probe set)</i>")
             parts.append(f"<div class='s'>win rate {row.win_rate:.3f}, inputs {row.input_rate:.3f}</div>")
@@ -167,6 +171,17 @@ def write_html(
     path = out_dir / "index.html"
     atomic_write_text(path, "\n".join(parts))
     return path
+
+
+def _quality_text(row) -> str:
+    """'label quality: corr 0.68, AUPRC 0.94 (chance 0.32)' where defined."""
+    bits = []
+    if getattr(row, "label_corr", None) is not None:
+        bits.append(f"corr {row.label_corr:.2f}")
+    if getattr(row, "label_auprc", None) is not None:
+        chance = f" (chance {row.label_base_rate:.2f})" if row.label_base_rate is not None else ""
+        bits.append(f"AUPRC {row.label_auprc:.2f}{chance}")
+    return "label quality: " + ", ".join(bits) if bits else ""
 
 
 def _tie_flag(row, tie_tol: Optional[float]) -> str:

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
+from lwta_vision.dissect.planted import PLANT_MARGIN, PlantedUnit, assign_units, planted_loss
 from lwta_vision.layers import collect_lwta_stats, lwta_modules
 from lwta_vision.models import create_model
 
@@ -59,6 +60,13 @@ class LitClassifier(L.LightningModule):
         channels_last: keep conv weights and 4-D input batches in ``torch.channels_last`` memory format
             (NHWC: faster convolutions with bf16/fp16 on tensor-core GPUs and on recent CPUs). Outputs are the
             same as with the default layout; checkpoints load into either.
+        planted: plant concept detectors: ``{layer: [concept, ...]}`` (module paths of the backbone, concept
+            names of the datamodule, or ``[all]``). Those units get an auxiliary loss tying their output to
+            the concept's mask (``lwta_vision.dissect.planted``), so dissection has ground truth on hidden
+            layers; needs a datamodule with concept masks (``ConceptDataModule(concept_masks=true)``). The
+            units chosen are stored in checkpoints as ``planted_units``.
+        planted_weight: weight of that loss (logged as ``train/planted_loss``).
+        planted_margin: the output a planted unit is pushed to exceed where its concept is.
     """
 
     def __init__(
@@ -73,6 +81,9 @@ class LitClassifier(L.LightningModule):
         label_smoothing: float = 0.0,
         kl_weight: float = 0.0,
         channels_last: bool = False,
+        planted: Optional[dict[str, list[str]]] = None,
+        planted_weight: float = 1.0,
+        planted_margin: float = PLANT_MARGIN,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -93,6 +104,66 @@ class LitClassifier(L.LightningModule):
             self._mean_names += ["sparsity", *(f"sparsity/{name}" for name in lwta_modules(self.model))]
         self.eval_means = nn.ModuleDict({stage: nn.ModuleList(BatchWeightedMean() for _ in self._mean_names)
                                          for stage in ("val", "test")})
+        self.planted_units: list[PlantedUnit] = []
+        self._planted_index: dict[str, tuple[Tensor, Tensor]] = {}  # layer -> (units, concept mask planes)
+        self._planted_out: Optional[dict[str, Tensor]] = None
+        if planted:
+            if planted_weight <= 0:
+                raise ValueError(f"planted_weight must be > 0, got {planted_weight}; set model.init_args.planted_weight")
+            modules = dict(self.model.named_modules())
+            missing = [layer for layer in planted if layer not in modules or not layer]
+            if missing:
+                raise ValueError(f"planted layer(s) {missing} not found in {model!r}; available: "
+                                 f"{', '.join(n for n in modules if n and '.' not in n)}")
+            for layer in planted:
+                modules[layer].register_forward_hook(self._keep_planted_output(layer))
+
+    def _keep_planted_output(self, layer: str):
+        def hook(_module, _inputs, output):
+            if self._planted_out is not None:
+                self._planted_out[layer] = output[0] if isinstance(output, (tuple, list)) else output
+        return hook
+
+    def setup(self, stage: str) -> None:
+        """Resolve the planted concepts against the datamodule's concept names (needs the trainer's datamodule)."""
+        if not self.hparams.planted or self._planted_index:
+            return
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        names = list(getattr(dm, "concept_names", None) or [])
+        categories = list(getattr(dm, "concept_categories", None) or [])
+        if not names or not getattr(dm, "concept_masks", False):
+            raise ValueError("planted units need concept masks in the training batches: use "
+                             "lwta_vision.data.ConceptDataModule with concept_masks: true")
+        category = dict(zip(names, categories))
+        lwta = lwta_modules(self.model)
+        for layer, wanted in self.hparams.planted.items():
+            wanted = names if list(wanted) == ["all"] else list(wanted)
+            unknown = [c for c in wanted if c not in category]
+            if unknown:
+                raise ValueError(f"planted concept(s) {unknown} of {layer!r} are not concepts of the data; "
+                                 f"available: {', '.join(names)}")
+            inner = [m for n, m in lwta.items() if n == layer or n.startswith(layer + ".")]
+            competitors = inner[-1].competitors if inner else 1  # the competition that produces the output
+            units = assign_units(layer, wanted, [category[c] for c in wanted], competitors)
+            self.planted_units += units
+            self._planted_index[layer] = (torch.tensor([u.unit for u in units]),
+                                          torch.tensor([names.index(u.concept) for u in units]))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.planted_units:
+            checkpoint["planted_units"] = [u.as_dict() for u in self.planted_units]
+
+    def _planted_loss(self, masks: Tensor) -> Tensor:
+        total = 0.0
+        for layer, (units, planes) in self._planted_index.items():
+            out = self._planted_out[layer]
+            if out.ndim < 2 or int(units.max()) >= out.shape[1]:
+                raise ValueError(f"planted units up to {int(units.max())} in {layer!r}, whose output has shape "
+                                 f"{tuple(out.shape)}; plant fewer concepts or choose a wider layer")
+            total = total + planted_loss(out.index_select(1, units.to(out.device)),
+                                         masks.index_select(1, planes.to(masks.device)),
+                                         self.hparams.planted_margin)
+        return total / len(self._planted_index)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.hparams.channels_last and x.ndim == 4:
@@ -106,12 +177,24 @@ class LitClassifier(L.LightningModule):
         x, y = batch[0], batch[1]
         log_now = self.trainer is not None and self.global_step % max(self.trainer.log_every_n_steps, 1) == 0
         want_kl = self.hparams.kl_weight > 0
-        if self._has_lwta and (log_now or want_kl):
-            with collect_lwta_stats(self.model, sparsity=log_now, kl=want_kl) as stats:
-                logits = self(x)
-        else:
-            stats, logits = None, self(x)
-        loss = self._loss(logits, y)
+        if self._planted_index:
+            if len(batch) < 3:
+                raise ValueError("planted units need concept masks in the training batches: set "
+                                 "data.init_args.concept_masks: true")
+            self._planted_out = {}
+        try:
+            if self._has_lwta and (log_now or want_kl):
+                with collect_lwta_stats(self.model, sparsity=log_now, kl=want_kl) as stats:
+                    logits = self(x)
+            else:
+                stats, logits = None, self(x)
+            loss = self._loss(logits, y)
+            if self._planted_index:
+                plant = self._planted_loss(batch[2])
+                loss = loss + self.hparams.planted_weight * plant
+                self.log("train/planted_loss", plant, on_step=True, on_epoch=True, sync_dist=True)
+        finally:
+            self._planted_out = None
         if want_kl and stats is not None and stats.kl:
             kl = stats.kl_total()
             loss = loss + self.hparams.kl_weight * kl

@@ -1,0 +1,155 @@
+"""Planted neurons: does each describer name the concept a hidden unit was trained to detect? (RESULTS.md §4)
+
+For each seed, trains ``configs/planted.yaml`` exactly as a user would (``train.py fit``; only the seeds of
+the network and of the data change; the dissection callback is switched off to save time), then labels the
+planted layers with:
+
+- soft-WPMI with ground truth (``GroundTruthScorer``), prior log p(t) over the active units (our default)
+  and over all units (CLIP-Dissect's code);
+- soft-WPMI with the concept CLIP shipped in lwta_vision (both priors);
+- Network Dissection's IoU (``dissect.iou.iou_dissect``);
+- Describe-and-Dissect's selection with the ground-truth doubles (``dissect.py dnd``, planted units only).
+
+and reports per method the share of planted units whose top label is the planted concept. It also gives the
+label-quality metrics (``label_corr``, ``label_auprc`` against ground truth) of each planted unit for its
+planted concept and for a random other concept of the same category (the control), and, for the free
+units, their own labels' quality.
+
+    python benchmarks/planted_recovery.py --seeds 0 1 2 [--out runs/planted_recovery] [--epochs 8]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("gt_active", "gt_all", "clip_active", "clip_all", "iou", "dnd")
+
+
+def train(seed: int, out: Path, epochs: int | None = None, extra: tuple[str, ...] = ()) -> tuple[Path, float, float]:
+    from lwta_vision.cli import cli_main
+
+    t0 = time.time()
+    args = ["fit", "--config", str(ROOT / "configs" / "planted.yaml"), "--seed_everything", str(seed),
+            "--data.init_args.seed", str(seed), "--trainer.callbacks=[]", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", "--trainer.logger.init_args.save_dir", str(out),
+            "--trainer.default_root_dir", str(out), *extra]
+    if epochs is not None:
+        args += ["--trainer.max_epochs", str(epochs)]
+    cli = cli_main(args)
+    ckpt = max(out.glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    return ckpt, time.time() - t0, float(cli.trainer.callback_metrics["val/acc"])
+
+
+def measure(ckpt: Path, max_images: int | None = None, with_dnd: bool = True, seed: int = 0) -> dict:
+    """Recovery per method and label quality of the planted units of one checkpoint."""
+    from lwta_vision.concept_clip.scorer import ConceptCLIPScorer
+    from lwta_vision.dissect.engine import label_layer
+    from lwta_vision.dissect.iou import iou_dissect
+    from lwta_vision.dissect.pipeline import record_probe
+    from lwta_vision.dissect.planted import planted_from_checkpoint, recovered
+    from lwta_vision.dissect.quality import label_quality
+    from lwta_vision.dissect.recording import order_by_image
+    from lwta_vision.dissect.scorers import GroundTruthScorer
+    from lwta_vision.dissect_cli import _load
+
+    planted = planted_from_checkpoint(torch.load(ckpt, map_location="cpu", weights_only=False))
+    if not planted:
+        raise ValueError(f"{ckpt} records no planted units; train with configs/planted.yaml")
+    layers = sorted({p.layer for p in planted})
+    net, probe, _ = _load(str(ckpt), None, None, None, "val", max_images)
+    records = record_probe(net, layers, probe)
+    gt = GroundTruthScorer.from_dataset(probe.dataset)
+    names = gt.concept_names
+    p_gt = gt.similarity(probe, names)
+    p_clip = ConceptCLIPScorer().similarity(probe, names)
+    labels = {}
+    for prior in ("active", "all"):
+        labels[f"gt_{prior}"] = {l: label_layer(records[l], p_gt, names, prior_units=prior).labels for l in layers}
+        labels[f"clip_{prior}"] = {l: label_layer(records[l], p_clip, names, prior_units=prior).labels for l in layers}
+    labels["iou"] = {l: iou_dissect(net, l, probe)[0].labels for l in layers}
+    if with_dnd:
+        from lwta_vision.dissect_cli import main as dissect_main
+
+        units = sorted({p.unit for p in planted})
+        with tempfile.TemporaryDirectory() as tmp:
+            res = dissect_main(["dnd", "--checkpoint", str(ckpt), "--layers", f"[{','.join(layers)}]",
+                                "--units", f"[{','.join(map(str, units))}]", "--captioner", "ground_truth",
+                                "--summarizer", "ground_truth", "--generator", "ground_truth", "--scorer",
+                                "ground_truth", "--output_dir", tmp, "--device", "cpu", "--html", "false",
+                                "--seed", str(seed)] + (["--max_images", str(max_images)] if max_images else []))
+        labels["dnd"] = {l: {u["unit"]: u["label"] for u in res[l]} for l in layers}
+        labels["dnd"] = {l: [labels["dnd"][l].get(u) for u in range(records[l].num_units)] for l in layers}
+    out = {"checkpoint": str(ckpt), "planted": len(planted)}
+    for method, by_layer in labels.items():
+        ok = recovered(planted, by_layer)
+        out[method] = {"recovered": sum(ok), "missed": [f"{p.layer}:{p.unit} {p.concept}->{by_layer[p.layer][p.unit]}"
+                                                         for p, hit in zip(planted, ok) if not hit]}
+    # label quality against ground truth: the planted concept, a random other concept of its category, and the
+    # free units' own (ground-truth soft-WPMI) labels
+    rng = random.Random(seed)
+    cats = dict(zip(probe.dataset.concept_names, probe.dataset.concept_categories))
+    quality = {"planted": [], "control": [], "free": []}
+    for layer in layers:
+        acts = order_by_image(records[layer], len(probe))
+        mine = [p for p in planted if p.layer == layer]
+        for key, pick in (("planted", lambda p: p.concept),
+                          ("control", lambda p: rng.choice([c for c in names if c != p.concept and cats[c] == cats[p.concept]]))):
+            lab = torch.full((acts.shape[1],), -1)
+            for p in mine:
+                lab[p.unit] = names.index(pick(p))
+            q = label_quality(acts, p_gt, lab)
+            quality[key] += [(float(q["label_corr"][p.unit]), float(q["label_auprc"][p.unit]),
+                              float(q["label_base_rate"][p.unit])) for p in mine]
+        free = label_layer(records[layer], p_gt, names)
+        taken = {p.unit for p in mine}
+        quality["free"] += [(r.label_corr, r.label_auprc, r.label_base_rate) for r in free.rows
+                            if r.active and r.unit not in taken and r.label_corr is not None]
+    for key, vals in quality.items():
+        n = len(vals)
+        out[f"quality_{key}"] = {"units": n, "corr": _mean(v[0] for v in vals), "auprc": _mean(v[1] for v in vals),
+                                 "chance": _mean(v[2] for v in vals), "min_auprc": min((v[1] for v in vals), default=None)}
+    return out
+
+
+def _mean(values) -> float | None:
+    v = [x for x in values if x is not None and x == x]
+    return round(sum(v) / len(v), 4) if v else None
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--out", default="runs/planted_recovery")
+    p.add_argument("--epochs", type=int, default=None, help="override the config's max_epochs")
+    p.add_argument("--no-dnd", action="store_true")
+    a = p.parse_args()
+    rows = []
+    for seed in a.seeds:
+        ckpt, seconds, val_acc = train(seed, Path(a.out) / f"seed{seed}", a.epochs)
+        t0 = time.time()
+        row = {"seed": seed, "train_seconds": round(seconds, 1), "val_acc": round(val_acc, 4),
+               **measure(ckpt, with_dnd=not a.no_dnd, seed=seed)}
+        row["measure_seconds"] = round(time.time() - t0, 1)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    total = sum(r["planted"] for r in rows)
+    for m in METHODS:
+        if m in rows[0]:
+            per_seed = " ".join(f"{r[m]['recovered']}/{r['planted']}" for r in rows)
+            hit = sum(r[m]["recovered"] for r in rows)
+            print(f"{m:12s} recovered {hit}/{total} = {hit / total:.3f}  (per seed: {per_seed})")
+    for key in ("planted", "control", "free"):
+        qs = [r[f"quality_{key}"] for r in rows]
+        print(f"quality {key:8s} corr {_mean(q['corr'] for q in qs)}  auprc {_mean(q['auprc'] for q in qs)}  "
+              f"chance {_mean(q['chance'] for q in qs)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""How good is a label? Agreement between a unit's activations and its label concept's signal (torch only).
+
+A label's soft-WPMI score is not a quality measure: it is unnormalised and saturates (a unit that dominates
+a concept scores log K whatever the concept). Oikarinen, Yan & Weng (ICML 2025, "Evaluating Neuron
+Explanations") put about 18 metrics through two sanity tests, "missing labels" (remove part of the concept's
+positives: the metric must drop) and "extra labels" (add unrelated positives: it must drop); Pearson
+correlation, cosine, AUPRC, F1 and IoU passed both. Here, per labelled unit, over the probe images:
+
+- ``label_corr``: Pearson correlation between the unit's pooled activation and the label's column of the
+  image-concept matrix (ground-truth presence, or a CLIP similarity as pseudo-label). 0 is chance, 1 perfect.
+- ``label_auprc``: average precision of the activation as a detector of the label's presence. A column
+  with two values (ground truth) is its own presence; a continuous one (CLIP similarities) is split into
+  present/absent by Otsu's threshold on that concept's similarities over the probe images, the pseudo-label.
+  Chance is the concept's base rate, reported beside it as ``label_base_rate``.
+
+Both come from torchmetrics' functional metrics, computed for all units of a layer at once.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torchmetrics.functional import pearson_corrcoef
+from torchmetrics.functional.classification import binary_average_precision, multilabel_average_precision
+
+QUALITY_FIELDS = ("label_corr", "label_auprc", "label_base_rate")
+
+
+def otsu_threshold(values: Tensor, bins: int = 256) -> float:
+    """Otsu's threshold: the cut maximising the between-class variance of a value histogram.
+
+    Returns a value ``t``; the foreground is ``values > t``. A constant input returns its value (nothing is
+    foreground).
+    """
+    v = values.detach().flatten().double()
+    lo, hi = float(v.min()), float(v.max())
+    if hi <= lo:
+        return hi
+    hist = torch.histc(v, bins=bins, min=lo, max=hi)
+    p = hist / hist.sum()
+    centers = lo + (torch.arange(bins, dtype=torch.float64) + 0.5) * (hi - lo) / bins
+    w0 = p.cumsum(0)
+    mu = (p * centers).cumsum(0)
+    w1 = 1 - w0
+    between = (mu[-1] * w0 - mu) ** 2 / (w0 * w1).clamp_min(1e-12)
+    between[(w0 <= 0) | (w1 <= 1e-12)] = -1
+    k = int(between.argmax())
+    return float(lo + (k + 1) * (hi - lo) / bins)  # upper edge of the last background bin
+
+
+def presence_of(signal: Tensor) -> Tensor:
+    """Bool [N, M]: each column's present/absent split; above its minimum when the column holds at most two
+    values (ground truth), else above its Otsu threshold (CLIP similarities as pseudo-labels)."""
+    out = torch.zeros(signal.shape, dtype=torch.bool)
+    for j in range(signal.shape[1]):
+        col = signal[:, j].double().cpu()
+        lo = col.min()
+        if torch.unique(col).numel() <= 2:
+            out[:, j] = col > lo
+        else:
+            out[:, j] = col > otsu_threshold(col)
+    return out
+
+
+def label_quality(activations: Tensor, signal: Tensor, label: Tensor, presence: Optional[Tensor] = None,
+                  ) -> dict[str, Tensor]:
+    """Per unit: Pearson(activation, signal[:, label]) and AUPRC(activation, presence[:, label]).
+
+    Args:
+        activations: [N images, K units] pooled activations.
+        signal: [N images, M concepts] the concepts' per-image signal (the scorer's image-concept matrix).
+        label: [K] long, the concept index of each unit's label; -1 for units without a label.
+        presence: optional [N, M] binary presence; default :func:`presence_of` of the labels' columns.
+
+    Returns:
+        ``label_corr``, ``label_auprc``, ``label_base_rate``: float64 [K], NaN where undefined (no label, a
+        constant activation or signal, no presence, or a concept absent from every image).
+    """
+    if activations.ndim != 2 or signal.ndim != 2 or activations.shape[0] != signal.shape[0]:
+        raise ValueError(f"activations {tuple(activations.shape)} and signal {tuple(signal.shape)} must be "
+                         "[N, K] and [N, M] over the same images")
+    if label.shape != (activations.shape[1],):
+        raise ValueError(f"label must hold one concept index per unit ({activations.shape[1]}), got {tuple(label.shape)}")
+    k = activations.shape[1]
+    out = {name: torch.full((k,), math.nan, dtype=torch.float64) for name in QUALITY_FIELDS}
+    has = (label >= 0).nonzero().flatten()
+    if has.numel() == 0 or activations.shape[0] < 2:
+        return out
+    acts = activations[:, has].double().cpu()
+    cols = label[has].cpu()
+    target = signal.double().cpu()[:, cols]
+    with warnings.catch_warnings():  # a constant column: torchmetrics warns and returns NaN, which we keep
+        warnings.simplefilter("ignore")
+        corr = pearson_corrcoef(acts, target) if acts.shape[1] > 1 else pearson_corrcoef(acts[:, 0], target[:, 0])[None]
+    out["label_corr"][has] = torch.where(_constant(acts) | _constant(target), torch.nan, corr.double())
+    pos = (presence.cpu()[:, cols] > 0).long() if presence is not None else _columns_presence(signal, cols)
+    with warnings.catch_warnings():  # a concept absent everywhere: warned about, NaN below
+        warnings.simplefilter("ignore")
+        if acts.shape[1] > 1:
+            ap = multilabel_average_precision(acts.float(), pos, num_labels=acts.shape[1], average=None)
+        else:
+            ap = binary_average_precision(acts[:, 0].float(), pos[:, 0])
+    ap = torch.as_tensor(ap, dtype=torch.float64).reshape(-1)
+    out["label_auprc"][has] = torch.where(pos.sum(0) > 0, ap, torch.nan)
+    out["label_base_rate"][has] = pos.double().mean(0)
+    return out
+
+
+def _columns_presence(signal: Tensor, cols: Tensor) -> Tensor:
+    """:func:`presence_of` for the given columns only (each distinct column once), as long [N, len(cols)]."""
+    uniq, inverse = torch.unique(cols, return_inverse=True)
+    return presence_of(signal.index_select(1, uniq.to(signal.device)))[:, inverse].long()
+
+
+def _constant(x: Tensor) -> Tensor:
+    return (x.amax(0) - x.amin(0)) == 0
