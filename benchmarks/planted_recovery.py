@@ -15,7 +15,7 @@ label-quality metrics (``label_corr``, ``label_auprc`` against ground truth) of 
 planted concept and for a random other concept of the same category (the control), and, for the free
 units, their own labels' quality.
 
-    python benchmarks/planted_recovery.py --seeds 0 1 2 [--out runs/planted_recovery] [--epochs 8]
+    python benchmarks/planted_recovery.py --seeds 0 1 2 [--out runs/planted_recovery] [--epochs 8] [--reuse]
 """
 from __future__ import annotations
 
@@ -129,10 +129,15 @@ def main() -> None:
     p.add_argument("--out", default="runs/planted_recovery")
     p.add_argument("--epochs", type=int, default=None, help="override the config's max_epochs")
     p.add_argument("--no-dnd", action="store_true")
+    p.add_argument("--reuse", action="store_true", help="measure the checkpoints already under --out (no training)")
     a = p.parse_args()
     rows = []
     for seed in a.seeds:
-        ckpt, seconds, val_acc = train(seed, Path(a.out) / f"seed{seed}", a.epochs)
+        found = sorted((Path(a.out) / f"seed{seed}").glob("**/checkpoints/last.ckpt")) if a.reuse else []
+        if found:
+            ckpt, seconds, val_acc = found[-1], float("nan"), float("nan")
+        else:
+            ckpt, seconds, val_acc = train(seed, Path(a.out) / f"seed{seed}", a.epochs)
         t0 = time.time()
         row = {"seed": seed, "train_seconds": round(seconds, 1), "val_acc": round(val_acc, 4),
                **measure(ckpt, with_dnd=not a.no_dnd, seed=seed)}

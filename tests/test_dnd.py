@@ -131,8 +131,15 @@ def test_ground_truth_captioner_describes_what_is_visible():
     text = cap.caption(0)
     assert label in text and text.endswith("background")
     texture = [n for i, n in enumerate(names) if ds.concept_categories[i] == "texture" and s["masks"][i].any()][0]
-    assert f"on a {texture} background" in text
+    assert f" {texture} background" in text
+    if texture != "plain":  # the pattern's colour is named: the colour of most non-shape pixels
+        shapes = [i for i, c in enumerate(ds.concept_categories) if c == "shape"]
+        bg = ~s["masks"][shapes].any(0)
+        colours = [(int((s["masks"][i] & bg).sum()), n) for i, n in enumerate(names) if ds.concept_categories[i] == "colour"]
+        assert f"on a {max(colours)[1]} {texture} background" in text, text
     assert cap([Exemplar(None, 0, None, 1.0)], 0) == [text]
+    # a crop with no shape in it still shows its background
+    assert cap.caption(0, (0, 0, 2, 2)).endswith("background")
     with pytest.raises(ValueError, match="generated concept data"):
         GroundTruthCaptioner([1, 2, 3])
 

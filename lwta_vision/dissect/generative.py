@@ -213,8 +213,10 @@ def clip_image_embedder(scorer):
 
 class GroundTruthCaptioner:
     """A documented test double standing in for BLIP on the generated concept data: it *describes what is
-    visible* in each exemplar (shapes with their colours, largest first, and the background texture) from
-    the dataset's exact masks, e.g. "a red circle and a blue star on a dots background".
+    visible* in each exemplar (shapes with their colours, largest first, and the background texture with its
+    pattern's colour) from the dataset's exact masks, e.g. "a red circle and a blue star on a green dots
+    background". (Until the planted-units benchmark the pattern's colour was left out, so DnD could never
+    name a unit that detects the colour of the textures.)
 
     Use it to measure the rest of Describe-and-Dissect without a captioning model; it needs a probe dataset
     with ``sample(i)`` masks (:class:`~lwta_vision.datasets.shapes.ShapesConceptDataset`).
@@ -244,8 +246,15 @@ class GroundTruthCaptioner:
                 things.append((px, f"a {colour} {name}"))
         things = [t for _, t in sorted(things, key=lambda t: -t[0])]
         texture = next((n for i, n in self.textures if masks[i].any()), None)
-        text = " and ".join(things) if things else "a plain background"
-        return f"{text} on a {texture} background" if texture and things else text
+        # the pattern's colour is visible too (a red stripes background): the background pixels' main colour
+        background = ~masks[[i for i, _ in self.shapes]].any(0)
+        px, colour = max(((int((masks[i] & background).sum()), n) for i, n in self.colours), default=(0, None))
+        if texture and texture != "plain" and px >= self.min_fraction * area:
+            texture = f"{colour} {texture}"
+        if not things:
+            return f"a {texture} background" if texture else "a plain background"
+        text = " and ".join(things)
+        return f"{text} on a {texture} background" if texture else text
 
     def __call__(self, exemplars: Sequence[Exemplar], seed: int) -> list[str]:
         return [self.caption(e.source, e.box) for e in exemplars]

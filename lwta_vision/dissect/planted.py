@@ -23,20 +23,24 @@ PLANT_MARGIN = 2.0
 """The output a planted unit is pushed to reach where its concept is (BatchNorm puts pre-activations near 1)."""
 
 
+PLANTED_BY = ("mask", "presence")
+
+
 @dataclass(frozen=True)
 class PlantedUnit:
-    """Unit ``unit`` of module ``layer`` is trained to detect ``concept``."""
+    """Unit ``unit`` of module ``layer`` is trained to detect ``concept``, tied to its mask or its presence."""
 
     layer: str
     unit: int
     concept: str
+    by: str = "mask"
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
 def assign_units(layer: str, concepts: Sequence[str], categories: Sequence[str], competitors: int = 1,
-                 width: int | None = None) -> list[PlantedUnit]:
+                 width: int | None = None, by: Sequence[str] | None = None) -> list[PlantedUnit]:
     """Units for ``concepts`` in ``layer``: consecutive within a category, each category from a new block.
 
     Args:
@@ -44,24 +48,29 @@ def assign_units(layer: str, concepts: Sequence[str], categories: Sequence[str],
         categories: the category of each concept (parallel to ``concepts``).
         competitors: the layer's LWTA block size U (1 for ReLU and other elementwise activations).
         width: the layer's number of units; checked when given.
+        by: per concept, "mask" (default) or "presence" (see :func:`planted_loss`).
     """
+    by = list(by) if by is not None else ["mask"] * len(concepts)
+    bad = [b for b in by if b not in PLANTED_BY]
+    if bad or len(by) != len(concepts):
+        raise ValueError(f"planted_by must give 'mask' or 'presence' per concept, got {by}")
     if len(concepts) != len(categories):
         raise ValueError(f"{len(concepts)} concepts but {len(categories)} categories")
     if len(set(concepts)) != len(concepts):
         raise ValueError(f"planted concepts of {layer!r} repeat a name: {list(concepts)}")
     units, next_unit, previous = [], 0, None
-    for concept, category in zip(concepts, categories):
-        if previous is not None and category != previous and next_unit % competitors:
+    for concept, category, how in zip(concepts, categories, by):
+        if previous is not None and (category, how) != previous and next_unit % competitors:
             next_unit += competitors - next_unit % competitors  # a new category starts a new block
-        units.append(PlantedUnit(layer, next_unit, concept))
-        next_unit, previous = next_unit + 1, category
+        units.append(PlantedUnit(layer, next_unit, concept, how))
+        next_unit, previous = next_unit + 1, (category, how)
     if width is not None and next_unit > width:
         raise ValueError(f"planting {len(concepts)} concepts in {layer!r} needs {next_unit} units (one block per "
                          f"category of U={competitors}) but the layer has {width}; plant fewer concepts")
     return units
 
 
-def planted_loss(output: Tensor, masks: Tensor, margin: float = PLANT_MARGIN) -> Tensor:
+def planted_loss(output: Tensor, masks: Tensor, margin: float = PLANT_MARGIN, presence: bool = False) -> Tensor:
     """Balanced hinge loss tying planted units' outputs to their concepts' masks.
 
     Where a cell of the unit's map is covered by the concept (fraction ``c`` of its pixels), the output is
@@ -70,13 +79,16 @@ def planted_loss(output: Tensor, masks: Tensor, margin: float = PLANT_MARGIN) ->
     ~3% of the cells, and silence (an LWTA unit that never wins) is the cheapest answer: measured, every
     shape unit of the first try stayed at chance. Zero and negative outputs cost nothing where the concept
     is absent, so an LWTA unit may satisfy that side by losing its block. Vector outputs (fc layers, pooled
-    tokens) are tied to the concept's presence in the image.
+    tokens), and maps with ``presence=True``, are tied to the concept's presence in the image: the map's
+    maximum is pushed above ``margin`` where the concept is anywhere, every position below 0 elsewhere.
 
     Args:
         output: ``[B, P, h, w]`` or ``[B, P]``: the planted units' outputs.
         masks: ``[B, P, H, W]`` (bool or float) concept masks, one plane per planted unit.
     """
     cover = masks.float()
+    if output.ndim == 4 and presence:
+        output = output.flatten(2).amax(2)
     if output.ndim == 4:
         cover = F.adaptive_avg_pool2d(cover, output.shape[-2:])
     elif output.ndim == 2:
@@ -106,5 +118,5 @@ def planted_from_checkpoint(checkpoint: dict) -> list[PlantedUnit]:
     return [PlantedUnit(**d) for d in checkpoint.get("planted_units", [])]
 
 
-__all__ = ["PLANT_MARGIN", "PlantedUnit", "assign_units", "free_units", "planted_from_checkpoint",
+__all__ = ["PLANTED_BY", "PLANT_MARGIN", "PlantedUnit", "assign_units", "free_units", "planted_from_checkpoint",
            "planted_loss", "recovered"]

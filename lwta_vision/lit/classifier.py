@@ -65,6 +65,8 @@ class LitClassifier(L.LightningModule):
             the concept's mask (``lwta_vision.dissect.planted``), so dissection has ground truth on hidden
             layers; needs a datamodule with concept masks (``ConceptDataModule(concept_masks=true)``). The
             units chosen are stored in checkpoints as ``planted_units``.
+        planted_by: ``{category or concept: presence}`` ties those planted units to the concept's presence in
+            the image (the map's maximum) instead of its mask; default: every unit by its mask.
         planted_weight: weight of that loss (logged as ``train/planted_loss``).
         planted_margin: the output a planted unit is pushed to exceed where its concept is.
     """
@@ -82,6 +84,7 @@ class LitClassifier(L.LightningModule):
         kl_weight: float = 0.0,
         channels_last: bool = False,
         planted: Optional[dict[str, list[str]]] = None,
+        planted_by: Optional[dict[str, str]] = None,
         planted_weight: float = 1.0,
         planted_margin: float = PLANT_MARGIN,
     ):
@@ -105,7 +108,8 @@ class LitClassifier(L.LightningModule):
         self.eval_means = nn.ModuleDict({stage: nn.ModuleList(BatchWeightedMean() for _ in self._mean_names)
                                          for stage in ("val", "test")})
         self.planted_units: list[PlantedUnit] = []
-        self._planted_index: dict[str, tuple[Tensor, Tensor]] = {}  # layer -> (units, concept mask planes)
+        # layer -> [(units, concept mask planes, by presence)]
+        self._planted_index: dict[str, list[tuple[Tensor, Tensor, bool]]] = {}
         self._planted_out: Optional[dict[str, Tensor]] = None
         if planted:
             if planted_weight <= 0:
@@ -135,6 +139,10 @@ class LitClassifier(L.LightningModule):
             raise ValueError("planted units need concept masks in the training batches: use "
                              "lwta_vision.data.ConceptDataModule with concept_masks: true")
         category = dict(zip(names, categories))
+        odd = [k for k in (self.hparams.planted_by or {}) if k not in category and k not in categories]
+        if odd:
+            raise ValueError(f"planted_by key(s) {odd} are neither concepts nor categories of the data; categories: "
+                             f"{', '.join(dict.fromkeys(categories))}")
         lwta = lwta_modules(self.model)
         for layer, wanted in self.hparams.planted.items():
             wanted = names if list(wanted) == ["all"] else list(wanted)
@@ -144,26 +152,32 @@ class LitClassifier(L.LightningModule):
                                  f"available: {', '.join(names)}")
             inner = [m for n, m in lwta.items() if n == layer or n.startswith(layer + ".")]
             competitors = inner[-1].competitors if inner else 1  # the competition that produces the output
-            units = assign_units(layer, wanted, [category[c] for c in wanted], competitors)
+            how = dict(self.hparams.planted_by or {})
+            by = [how.get(c, how.get(category[c], "mask")) for c in wanted]
+            units = assign_units(layer, wanted, [category[c] for c in wanted], competitors, by=by)
             self.planted_units += units
-            self._planted_index[layer] = (torch.tensor([u.unit for u in units]),
-                                          torch.tensor([names.index(u.concept) for u in units]))
+            self._planted_index[layer] = [
+                (torch.tensor([u.unit for u in group]), torch.tensor([names.index(u.concept) for u in group]),
+                 kind == "presence")
+                for kind in ("mask", "presence") if (group := [u for u in units if u.by == kind])]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.planted_units:
             checkpoint["planted_units"] = [u.as_dict() for u in self.planted_units]
 
     def _planted_loss(self, masks: Tensor) -> Tensor:
-        total = 0.0
-        for layer, (units, planes) in self._planted_index.items():
+        total, groups = 0.0, 0
+        for layer, entries in self._planted_index.items():
             out = self._planted_out[layer]
-            if out.ndim < 2 or int(units.max()) >= out.shape[1]:
-                raise ValueError(f"planted units up to {int(units.max())} in {layer!r}, whose output has shape "
-                                 f"{tuple(out.shape)}; plant fewer concepts or choose a wider layer")
-            total = total + planted_loss(out.index_select(1, units.to(out.device)),
-                                         masks.index_select(1, planes.to(masks.device)),
-                                         self.hparams.planted_margin)
-        return total / len(self._planted_index)
+            for units, planes, presence in entries:
+                if out.ndim < 2 or int(units.max()) >= out.shape[1]:
+                    raise ValueError(f"planted units up to {int(units.max())} in {layer!r}, whose output has shape "
+                                     f"{tuple(out.shape)}; plant fewer concepts or choose a wider layer")
+                total = total + planted_loss(out.index_select(1, units.to(out.device)),
+                                             masks.index_select(1, planes.to(masks.device)),
+                                             self.hparams.planted_margin, presence)
+                groups += 1
+        return total / groups
 
     def forward(self, x: Tensor) -> Tensor:
         if self.hparams.channels_last and x.ndim == 4:
