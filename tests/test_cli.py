@@ -60,17 +60,20 @@ def test_fit_with_dissection_callback_logs_csv_and_wandb(tmp_path, monkeypatch):
     keys = set().union(*[{k for k, v in r.items() if v} for r in rows])
     for layer in ("layer3", "fc"):
         assert {f"dissect/{layer}/unique_labels", f"dissect/{layer}/mean_score",
-                f"dissect/{layer}/active_fraction", f"dissect/{layer}/label_drift"} <= keys
+                f"dissect/{layer}/active_fraction", f"dissect/{layer}/label_drift",
+                f"dissect/{layer}/label_corr", f"dissect/{layer}/label_auprc"} <= keys
     # the label table as CSV in the run folder, every epoch
     tables = sorted(tmp_path.glob("**/dissection/epoch_*/fc.csv"))
     assert len(tables) == 2
     header = next(csv.reader(open(tables[0])))
     assert header[:4] == ["layer", "unit", "label", "score"]
+    assert {"label_corr", "label_auprc", "label_base_rate"} <= set(header)
     # wandb offline: the run file holds the same metric keys, and the label tables were logged as media
     runs = list(tmp_path.glob("**/wandb/offline-run-*/run-*.wandb"))
     assert runs, "no offline wandb run"
     blob = runs[0].read_bytes()
-    for key in ("dissect/fc/unique_labels", "dissect/layer3/label_drift", "dissect/layer3/active_fraction"):
+    for key in ("dissect/fc/unique_labels", "dissect/layer3/label_drift", "dissect/layer3/active_fraction",
+                "dissect/layer3/label_auprc"):
         assert key.encode() in blob
     tables = list(runs[0].parent.glob("files/media/table/dissect/fc/labels_*.table.json"))
     assert len(tables) == 2

@@ -222,14 +222,19 @@ def test_describe_writes_tables_and_html(trained_run, tmp_path):
     labelled = [r for r in rows if r["label"]]
     assert labelled and all(r["decided_by"] in ("score", "contrast", "order") for r in labelled)
     assert all(float(r["margin"]) >= -1e-3 for r in labelled)  # a tie's winner trails by less than tie_tol
+    corr = [float(r["label_corr"]) for r in labelled if r["label_corr"]]
+    auprc = [float(r["label_auprc"]) for r in labelled if r["label_auprc"]]
+    assert corr and auprc and all(-1 <= c <= 1 for c in corr) and all(0 <= a <= 1 for a in auprc)
+    assert not any(r["label_corr"] for r in rows if not r["label"])  # no label, no quality
     data = json.loads((out / "fc.json").read_text())
     assert len(data["units"]) == 6 and data["summary"]["units"] == 6
     html = (out / "index.html").read_text()
-    assert "layer3" in html and "images/layer3/" in html
+    assert "layer3" in html and "images/layer3/" in html and "label quality: corr" in html
     assert (out / "images" / "layer3").is_dir()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["meta"]["scorer"] == "ConceptCLIPScorer"  # auto on the generated data: CLIP-Dissect proper
     assert summary["layers"]["layer3"]["ties"] == sum(r["decided_by"] != "score" for r in labelled)
+    assert summary["layers"]["layer3"]["mean_label_corr"] == pytest.approx(sum(corr) / len(corr), abs=1e-6)
     assert not list(out.glob("**/*.tmp"))
 
 
@@ -273,6 +278,7 @@ def test_evaluate_and_explain(trained_run, tmp_path, capsys):
                             "--output", str(tmp_path / "m.json")])
     assert set(metrics) >= {"top1", "top5", "cos"} and 0 <= metrics["top1"] <= 1
     assert json.loads((tmp_path / "m.json").read_text())["layer"] == "fc"
+    assert len(metrics["label_corr"]) == metrics["num_units"] and "mean_label_auprc" in metrics
     logp = dissect_main(["evaluate", "--checkpoint", str(trained_run), "--max_images", "96", "--device", "cpu",
                          "--layer", "log_softmax", "--sentence_model", "null"])
     assert logp["layer"] == "log_softmax" and logp["num_units"] == metrics["num_units"]

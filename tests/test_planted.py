@@ -75,6 +75,26 @@ def test_label_quality_passes_the_missing_and_extra_labels_sanity_checks():
     assert all(math.isnan(float(q[k][0])) for k in q) and math.isnan(float(q["label_corr"][1]))
 
 
+def test_label_quality_matches_the_definitions():
+    """Pearson as numpy computes it; AUPRC as average precision: the mean, over positives, of the precision
+    among the images ranked at or above each positive."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(2)
+    acts = torch.randn(300, 3, generator=g, dtype=torch.float64)
+    signal = (torch.rand(300, 4, generator=g) < 0.4).double() * 0.3
+    label = torch.tensor([2, 0, 3])
+    q = label_quality(acts, signal, label)
+    for u in range(3):
+        a, t = acts[:, u].numpy(), signal[:, label[u]].numpy() > 0
+        assert float(q["label_corr"][u]) == pytest.approx(np.corrcoef(a, t)[0, 1], abs=1e-9)
+        order = np.argsort(-a)
+        hits = t[order]
+        precision = np.cumsum(hits) / np.arange(1, len(a) + 1)
+        assert float(q["label_auprc"][u]) == pytest.approx(precision[hits].mean(), abs=1e-6)
+        assert float(q["label_base_rate"][u]) == pytest.approx(t.mean())
+
+
 def test_clip_similarities_become_presence_by_otsu():
     g = torch.Generator().manual_seed(1)
     truth = torch.rand(500, 3, generator=g) < 0.3

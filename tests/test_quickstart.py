@@ -53,7 +53,7 @@ def _dnd_selection_is_measured(ckpt, dm, out):
     assert r["min_candidates"] >= 5, r
     # the selection agrees with a direct measurement of what each unit prefers
     assert r["agree_with_direct"] >= r["units"] - 1, r
-    assert r["class_recovered"] >= r["units"] - 1, r  # RESULTS.md §3: 5/6 on the logits (square -> circle)
+    assert r["class_recovered"] >= r["units"] - 1, r  # RESULTS.md §3: 5/6 on the logits (square -> circle or pink)
     # on the class log-probabilities every class is recovered (RESULTS.md §3: 24/24 over four networks)
     lp = measure(ckpt, out.with_name("dnd_log_softmax"), layer="log_softmax")
     assert lp["agree_with_direct"] == lp["units"] and lp["class_recovered"] == lp["units"], lp
