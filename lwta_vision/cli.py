@@ -21,6 +21,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from lwta_vision.callbacks.checkpoint import LastModelCheckpoint
 from lwta_vision.callbacks.rng import RNGStateCheckpoint
+from lwta_vision.callbacks.run_dir import RunConfigCallback, run_dir
 from lwta_vision.checkpoints import check_resume_checkpoint, read_checkpoint
 from lwta_vision.lit import LitClassifier, NonFiniteLossError
 
@@ -82,11 +83,19 @@ class LwtaCLI(LightningCLI):
                     if getattr(lg, "_version", None) is not None and Path(lg.log_dir).exists()}
         try:
             super()._run_subcommand(subcommand)
+            if subcommand == "fit" and not self.trainer.fast_dev_run:
+                folder = run_dir(self.trainer)  # a collective under DDP: every rank asks
+                if self.trainer.is_global_zero:
+                    print(f"run folder: {folder} (config.yaml, checkpoints/, dissection/)")
         except Exception:
             saved = any(getattr(cb, "best_model_path", "") or getattr(cb, "last_model_path", "")
                         for cb in self.trainer.checkpoint_callbacks)
             if self.trainer.is_global_zero and not saved:
                 _remove_unfinished_run(loggers, existed)
+                for cb in self.trainer.callbacks:  # the run folder of loggers without one (wandb)
+                    folder = getattr(cb, "folder", None) if isinstance(cb, RunConfigCallback) else None
+                    if folder is not None and cb.created_folder and folder.is_dir() and not any(folder.rglob("*.ckpt")):
+                        shutil.rmtree(folder, ignore_errors=True)
             raise
 
     def _check_before_run(self, subcommand: str) -> None:
@@ -153,6 +162,7 @@ def cli_main(args: Optional[list[str]] = None, run: bool = True) -> LwtaCLI:
         trainer_defaults=TRAINER_DEFAULTS,
         # allow_abbrev=False: a typo such as --trainer.max_epoch is an error, not a silent prefix match
         parser_kwargs={"parser_mode": "omegaconf", "allow_abbrev": False},
+        save_config_callback=RunConfigCallback,  # config.yaml in the run's own folder, for every logger
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torchvision import transforms as T
 
+from lwta_vision.callbacks.dissection import console_line
 from lwta_vision.checkpoints import CheckpointError, load_network
 from lwta_vision.concept_clip import is_concept_data
 from lwta_vision.data.base import VisionDataModule
@@ -58,6 +59,38 @@ def _instantiate(spec: dict):
     return getattr(importlib.import_module(module), name)(**(spec.get("init_args") or {}))
 
 
+def _recorded_datamodule(checkpoint: str) -> Optional[dict]:
+    """The datamodule a train.py checkpoint records (``class_path`` and the init args its class accepts)."""
+    import inspect
+
+    from lwta_vision.checkpoints import read_checkpoint
+
+    spec = read_checkpoint(checkpoint, mmap=True).get("datamodule")
+    if not spec or "class_path" not in spec:
+        return None
+    module, _, name = spec["class_path"].rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+    params = inspect.signature(cls).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return spec
+    # Lightning's save_hyperparameters also collects the base classes' arguments; keep the class's own
+    return {"class_path": spec["class_path"],
+            "init_args": {k: v for k, v in (spec.get("init_args") or {}).items() if k in params}}
+
+
+def _warn_if_other_settings(dm, recorded: dict) -> None:
+    """--data given although the checkpoint records its datamodule: say where the settings differ."""
+    given = dict(getattr(dm, "hparams", {}) or {})
+    diff = {k: (v, given[k]) for k, v in recorded.get("init_args", {}).items() if k in given and given[k] != v}
+    if type(dm).__name__ != recorded["class_path"].rpartition(".")[2] or diff:
+        keys = ", ".join(f"{k}: trained with {a!r}, given {b!r}" for k, (a, b) in diff.items())
+        print(f"warning: --data differs from the datamodule this checkpoint was trained with "
+              f"({recorded['class_path']}{'; ' + keys if keys else ''}); labels may not mean what they would on "
+              "the training data's settings. Leave out --data to use the recorded one.", file=sys.stderr)
+
 def _resolve(net: nn.Module, layers: list[str]) -> None:
     """Check layer names before any data is touched; ``log_softmax`` adds the class log-probabilities."""
     if LOG_SOFTMAX in layers:
@@ -78,10 +111,15 @@ def _load(checkpoint, torchvision_model, torchvision_weights, data, split, max_i
     if checkpoint is not None:
         net, hp = load_network(checkpoint)
         class_names = hp.get("class_names") or [str(i) for i in range(hp.get("num_classes", 0))]
+        recorded = _recorded_datamodule(checkpoint)
         if dm is None:
             cfg = _run_config(checkpoint)
             if cfg and cfg.get("data"):
                 dm = _instantiate(cfg["data"])
+            elif recorded is not None:
+                dm = _instantiate(recorded)
+        elif recorded is not None:
+            _warn_if_other_settings(dm, recorded)
         if dm is not None:
             transform, grayscale = dm.eval_transform, dm.in_channels == 1
             if images is not None:
@@ -95,6 +133,12 @@ def _load(checkpoint, torchvision_model, torchvision_weights, data, split, max_i
         probe = ProbeSet(images, transform, images_name, grayscale)
     elif dm is not None:
         probe = dm.probe_set(split)
+    elif checkpoint is not None:
+        folder = Path(checkpoint).resolve().parent
+        raise ValueError(f"no probe set for {checkpoint}: there is no config.yaml in {folder} or {folder.parent}, and "
+                         "the checkpoint records no datamodule (checkpoints written before lwta_vision recorded "
+                         "one); pass --data (the training datamodule, e.g. '{class_path: "
+                         "lwta_vision.data.ConceptDataModule, init_args: {image_size: 32}}') or --image_folder DIR")
     else:
         raise ValueError("no probe set: pass --image_folder DIR or --data (a datamodule class_path)")
     if max_images is not None and max_images < len(probe):
@@ -266,10 +310,8 @@ def describe(
     write_report(output_dir, results, probe, net, records, images_per_unit, meta, html, dev)
     for layer, res in results.items():
         s = res.summary
-        print(f"{layer}: {s['active_units']}/{s['units']} units active, {s['unique_labels']} unique labels, "
-              f"mean score {s['mean_top_score']:.3g}, {s['ties']} ties decided by the second key, label quality "
-              f"corr {s['mean_label_corr']:.2f} AUPRC {s['mean_label_auprc']:.2f} (chance {s['mean_label_base_rate']:.2f})")
-    print(f"wrote {output_dir}/ (index.html, <layer>.csv/.json, summary.json)")
+        print(f"{layer}: {console_line(s)}")
+    print(f"wrote {output_dir}/ ({'index.html, ' if html else ''}<layer>.csv/.json, summary.json)")
     return {k: v.summary for k, v in results.items()}
 
 
@@ -545,7 +587,7 @@ def dnd(
         for d in descs:
             if d.active:
                 print(f"{layer} unit {d.unit}: {d.label}  (candidates: {', '.join(d.candidates) or 'none'})")
-    print(f"wrote {output_dir}/ (index.html, <layer>.csv/.json, <layer>_dnd.json, summary.json)")
+    print(f"wrote {output_dir}/ ({'index.html, ' if html else ''}<layer>.csv/.json, <layer>_dnd.json, summary.json)")
     return {layer: [{"unit": d.unit, "label": d.label, "candidates": d.candidates} for d in descs]
             for layer, descs in results.items()}
 
@@ -616,9 +658,15 @@ def iou(
             labels.summary["text_agreement"] = agreement[layer]["agreement"]
             extra[layer] = {r.unit: f"text label: {r.label}" for r in text[layer].rows}
         s = labels.summary
+        agree = agreement.get(layer, {}).get("agreement")
         print(f"{layer}: {s['detectors']}/{s['units']} detectors, {s['unique_concepts']} unique concepts, "
-              f"mean IoU {s['mean_iou']:.3f}, per category {s['per_category']}"
-              + (f", text/IoU agreement {agreement[layer]['agreement']:.2f}" if layer in agreement else ""))
+              f"mean IoU {'-' if s['mean_iou'] is None else format(s['mean_iou'], '.3f')}, "
+              f"per category {s['per_category']}" + (f", text/IoU agreement {agree:.2f}" if agree is not None else ""))
+        if s["detectors"] == 0:
+            print(f"warning: no unit of {layer} reaches IoU {iou_threshold} (best {s['best_iou']:.3f}) at --quantile "
+                  f"{quantile}: a unit's map then covers {quantile:.1%} of its activations, which on small maps is far "
+                  f"less than a concept's area and caps IoU; try --quantile 0.02 (NetDissect's 0.005 was set for "
+                  f"large images)", file=sys.stderr)
     out = Path(output_dir)
     meta = {"method": "iou", "checkpoint": checkpoint, "probe": probe.name, "quantile": quantile,
             "iou_threshold": iou_threshold}
@@ -626,9 +674,14 @@ def iou(
     if html:
         ds = probe.network_dataset()
         maps = {l: (lambda idx, l=l: spatial_maps(net, l, ds, idx, dev)) for l in layers}
+        from lwta_vision.dissect.recording import order_by_image
+        from lwta_vision.dissect.report import ground_truth_concepts
+
+        acts = {l: order_by_image(r, len(probe)) for l, r in records.items()} if text else None
         write_html(out, results, probe.raw, maps, images_per_unit=images_per_unit,
-                   title=f"Network Dissection on {probe.name}", extra_columns=extra)
-    print(f"wrote {output_dir}/")
+                   title=f"Network Dissection on {probe.name}", extra_columns=extra, meta=meta,
+                   activations=acts, image_concepts=ground_truth_concepts(probe.dataset))
+    print(f"wrote {output_dir}/ ({'index.html, ' if html else ''}<layer>.csv/.json, summary.json)")
     return {l: r.summary for l, r in results.items()}
 
 

@@ -107,3 +107,60 @@ def test_validate_test_predict_from_a_checkpoint(tmp_path):
         assert cli.trainer.state.finished
     preds = cli.trainer.predict_loop.predictions
     assert torch.allclose(torch.cat(preds).sum(1), torch.ones(64), atol=1e-5)
+
+
+def test_readme_wandb_command_twice_gives_two_standalone_runs(tmp_path, monkeypatch, capsys):
+    """`train.py fit --config configs/quickstart.yaml --config configs/logger/wandb.yaml`, offline, twice: each
+    run has its own folder (config.yaml, checkpoints/, dissection/), its wandb folder holds the label tables and
+    the highlighted top images, and dissect.py works on either checkpoint, with or without config.yaml."""
+    import wandb
+
+    from lwta_vision.dissect_cli import main as dissect_main
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", QUICK, "--config", str(ROOT / "configs" / "logger" / "wandb.yaml"), *TINY,
+            "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+            "--trainer.callbacks.init_args.max_probe_images", "128",
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.default_root_dir",
+            str(tmp_path / "runs")]
+    folders = []
+    for _ in range(2):
+        cli_main(args)
+        wandb.finish()
+        folders.append(Path(capsys.readouterr().out.split("run folder: ")[1].split(" (")[0]))
+    assert folders[0] != folders[1] and all(f.parent == tmp_path / "runs" / "lwta_vision" for f in folders)
+    first_config = (folders[0] / "config.yaml").read_text()
+    for f in folders:
+        assert (f / "config.yaml").is_file() and (f / "checkpoints" / "last.ckpt").is_file()
+        assert (f / "dissection" / "epoch_000" / "fc.csv").is_file()
+        # the wandb run folder (named after the same id) stands alone: tables and images inside it
+        run = next((tmp_path / "runs" / "wandb").glob(f"offline-run-*-{f.name}"))
+        assert list(run.glob("files/media/table/dissect/layer3/labels_*.table.json"))
+        images = list(run.glob("files/media/images/dissect/layer3/top_images_*.png"))
+        active = sum(r["active"] == "True" for r in csv.DictReader(open(f / "dissection" / "epoch_000" / "layer3.csv")))
+        assert 0 < len(images) <= active  # one strip per active unit (identical strips are stored once)
+        assert b"max_probe_images" in next(run.glob("run-*.wandb")).read_bytes()  # the whole CLI config
+    assert (folders[0] / "config.yaml").read_text() == first_config  # the second run left the first alone
+    assert not (tmp_path / "runs" / "config.yaml").exists() and not (tmp_path / "runs" / "dissection").exists()
+    ckpt = folders[1] / "checkpoints" / "last.ckpt"
+    with_config = dissect_main(["evaluate", "--checkpoint", str(ckpt), "--device", "cpu", "--sentence_model", "null"])
+    # without config.yaml the checkpoint's recorded datamodule rebuilds the same probe set (32 px)
+    (folders[1] / "config.yaml").unlink()
+    without = dissect_main(["evaluate", "--checkpoint", str(ckpt), "--device", "cpu", "--sentence_model", "null"])
+    assert without["probe"] == with_config["probe"] and without["labels"] == with_config["labels"]
+    # a checkpoint that records no datamodule and has no config.yaml: the error says what was looked for
+    old = torch.load(ckpt, weights_only=False)
+    del old["datamodule"]
+    bare = tmp_path / "bare" / "last.ckpt"
+    bare.parent.mkdir()
+    torch.save(old, bare)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        dissect_main(["evaluate", "--checkpoint", str(bare), "--device", "cpu", "--sentence_model", "null"])
+    err = capsys.readouterr().err
+    assert "no config.yaml in" in err and "the checkpoint records no datamodule" in err and "--data" in err
+    # --data with other settings than the recorded ones is said, not silently used
+    dissect_main(["evaluate", "--checkpoint", str(ckpt), "--device", "cpu", "--sentence_model", "null",
+                  "--data", "lwta_vision.data.ConceptDataModule", "--max_images", "64"])
+    assert "image_size: trained with 32, given 64" in capsys.readouterr().err

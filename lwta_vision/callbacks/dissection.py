@@ -8,8 +8,9 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
+from lwta_vision.callbacks.run_dir import run_dir
 from lwta_vision.concept_clip import is_concept_data
 from lwta_vision.dissect.concepts import load_concept_set
 from lwta_vision.dissect.engine import TIE_TOL, label_drift
@@ -32,8 +33,9 @@ class NeuronDissection(Callback):
     ``.../label_drift`` (fraction of units whose label changed since the last dissection),
     ``.../label_corr`` and ``.../label_auprc`` (label quality averaged over the labelled units: how
     describable the layer is, see :mod:`lwta_vision.dissect.quality`), writes the label
-    table as CSV under ``<log_dir>/dissection/epoch_<n>/`` and, with a wandb logger, a wandb Table with
-    each unit's top images.
+    table as CSV under ``<run folder>/dissection/epoch_<n>/`` (the folder holding the run's ``checkpoints/``
+    and ``config.yaml``, see :func:`~lwta_vision.callbacks.run_dir.run_dir`) and, with a wandb logger, the label table
+    and every active unit's top images (highlighted where it fires) as wandb media in the run's folder.
 
     Args:
         layers: module paths inside the LightningModule's ``model`` (e.g. ``layer3``, ``fc``).
@@ -158,20 +160,22 @@ class NeuronDissection(Callback):
             labels = res.labels
             drift = label_drift(self.previous_labels[layer], labels) if layer in self.previous_labels else float("nan")
             self.previous_labels[layer] = labels
-            metrics = {
-                "unique_labels": float(res.summary["unique_labels"]),
-                "mean_score": float(res.summary["mean_top_score"]),
-                "active_fraction": float(res.summary["active_fraction"]),
-                "ties": float(res.summary["ties"]),
+            values = {
+                "unique_labels": res.summary["unique_labels"],
+                "mean_score": res.summary["mean_top_score"],
+                "active_fraction": res.summary["active_fraction"],
+                "ties": res.summary["ties"],
                 # how describable the layer is: label quality averaged over its labelled units
-                "label_corr": float(res.summary["mean_label_corr"]),
-                "label_auprc": float(res.summary["mean_label_auprc"]),
+                "label_corr": res.summary["mean_label_corr"],
+                "label_auprc": res.summary["mean_label_auprc"],
             }
+            metrics = {k: float(v) for k, v in values.items() if v is not None}  # None: undefined (no label)
             if drift == drift:  # not NaN: a previous dissection exists
                 metrics["label_drift"] = drift
             for k, v in metrics.items():
                 pl_module.log(f"dissect/{layer}/{k}", v, on_epoch=True, sync_dist=False, rank_zero_only=True)
             entry[layer] = metrics
+            rank_zero_info(f"dissection epoch {epoch} {layer}: " + console_line(res.summary, drift))
         for layer in self.iou_layers:
             from lwta_vision.dissect.iou import iou_dissect
 
@@ -185,33 +189,63 @@ class NeuronDissection(Callback):
                 pl_module.log(f"dissect/{layer}/{k}", v, on_epoch=True, sync_dist=False, rank_zero_only=True)
             entry.setdefault(layer, {}).update(metrics)
             results[f"{layer}.iou"] = iou_labels
+            rank_zero_info(f"dissection epoch {epoch} {layer} IoU: {s['detectors']}/{s['units']} detectors, "
+                           f"{s['unique_concepts']} unique concepts, mean IoU {metrics['mean_iou']:.3f}")
         self.history.append(entry)
-        # trainer.log_dir is a collective under DDP (a broadcast): every rank must ask, not only rank 0
-        out = Path(trainer.log_dir or trainer.default_root_dir) / "dissection" / f"epoch_{epoch:03d}"
-        self._write(trainer, results, epoch, out)
+        # run_dir is a collective under DDP (a broadcast): every rank must ask, not only rank 0
+        out = run_dir(trainer) / "dissection" / f"epoch_{epoch:03d}"
+        self._write(trainer, results, epoch, out, net, pl_module.device)
 
     @rank_zero_only
-    def _write(self, trainer: L.Trainer, results, epoch: int, out: Path) -> None:
+    def _write(self, trainer: L.Trainer, results, epoch: int, out: Path, net=None, device=None) -> None:
         write_tables(out, results, meta={"epoch": epoch, "probe": self.probe.name, "similarity": self.similarity})
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                self._log_wandb_tables(logger, results, epoch)
+                self._log_wandb_tables(logger, results, epoch, net, device)
 
-    def _log_wandb_tables(self, logger: WandbLogger, results, epoch: int) -> None:
+    def _log_wandb_tables(self, logger: WandbLogger, results, epoch: int, net=None, device=None) -> None:
+        """Per layer: the label table, and each active unit's top images (highlighted where the unit fires) as
+        captioned images.
+
+        The images are logged as plain media, not inside the table: wandb stores a table's images in its
+        artifact staging folder (``~/.local/share/wandb``), outside the run folder, so copying ``runs/wandb``
+        for ``wandb sync`` would lose them; plain media go to the run's ``files/media/images``.
+        """
+        import numpy as np
         import wandb
 
-        columns = ["layer", "unit", "label", "score", "label_2", "label_3", "margin", "decided_by", "win_rate",
-                   "active"]
-        columns += [f"top_{i + 1}" for i in range(self.table_images)]
+        from lwta_vision.dissect.recording import spatial_maps
+        from lwta_vision.dissect.report import HIGHLIGHT_LEVEL, highlight
+
+        columns = ["layer", "unit", "label", "score", "label_2", "label_3", "margin", "decided_by", "label_corr",
+                   "label_auprc", "label_base_rate", "win_rate", "active", "top_images"]
         for layer, res in results.items():
-            data = []
-            for r in res.rows:
-                d = r.as_dict()
-                imgs = [wandb.Image(self.probe.raw(i)) for i in r.top_images[: self.table_images]]
-                imgs += [None] * (self.table_images - len(imgs))
-                data.append([layer, r.unit, d["label"], d["score"], d["label_2"], d["label_3"], d["margin"],
-                             d["decided_by"], d["win_rate"], d["active"], *imgs])
+            data = [[layer] + [r.as_dict()[c] for c in columns[1:-1]] + [" ".join(map(str, r.top_images))]
+                    for r in res.rows]
             logger.log_table(key=f"dissect/{layer}/labels", columns=columns, data=data)
+            shown = {r.unit: r.top_images[: self.table_images] for r in res.rows if r.active and r.top_images}
+            if not shown:
+                continue
+            idx = sorted({i for v in shown.values() for i in v})
+            maps = None
+            if net is not None and not layer.endswith(".iou"):
+                m = spatial_maps(net, layer, self.probe.network_dataset(), idx, device)
+                maps = m if m.ndim == 4 else None
+            pos = {i: p for p, i in enumerate(idx)}
+            strips = []
+            for r in res.rows:
+                if r.unit not in shown:
+                    continue
+                tiles = [np.asarray(self.probe.raw(i).convert("RGB").resize((64, 64))) for i in shown[r.unit]]
+                if maps is not None:
+                    um = maps[[pos[i] for i in shown[r.unit]], r.unit].numpy()
+                    lo, hi = float(um.min()), float(um.max())
+                    if hi > lo:
+                        tiles = [highlight(t, u, lo + HIGHLIGHT_LEVEL * (hi - lo)) for t, u in zip(tiles, um)]
+                score = "" if r.score is None else f" ({r.score:.3g})"
+                quality = "" if r.label_auprc is None else f", AUPRC {r.label_auprc:.2f}"
+                strips.append(wandb.Image(np.concatenate(tiles, axis=1), caption=f"unit {r.unit}: {r.label}{score}{quality}"))
+            logger.experiment.log({f"dissect/{layer}/top_images": strips, "epoch": epoch})
 
     # -- state ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -220,6 +254,23 @@ class NeuronDissection(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.previous_labels = dict(state_dict.get("previous_labels", {}))
         self.history = list(state_dict.get("history", []))
+
+
+def console_line(summary: dict, drift: float = float("nan")) -> str:
+    """One line for the console: unique labels, active units, label quality and drift (no NaN printed)."""
+    def num(v, fmt):
+        return format(v, fmt) if isinstance(v, (int, float)) and v == v else "-"
+
+    parts = [f"{summary.get('unique_labels', 0)} unique labels",
+             f"{summary.get('active_units', 0)}/{summary.get('units', 0)} units active"]
+    if summary.get("mean_label_corr") is not None:
+        parts.append(f"label quality corr {num(summary['mean_label_corr'], '.2f')}, AUPRC "
+                     f"{num(summary.get('mean_label_auprc'), '.2f')} (chance {num(summary.get('mean_label_base_rate'), '.2f')})")
+    if drift == drift:
+        parts.append(f"drift {drift:.2f}")
+    if summary.get("ties"):
+        parts.append(f"{summary['ties']} ties decided by the second key")
+    return ", ".join(parts)
 
 
 def _network(pl_module: L.LightningModule) -> torch.nn.Module:

@@ -125,6 +125,9 @@ class VisionDataModule(L.LightningDataModule):
                  val_fraction: Optional[float] = 0.1, seed: int = 0, augment: bool = True,
                  pin_memory: bool = False):
         super().__init__()
+        # every subclass's init args (Lightning collects them up the __init__ chain): checkpoints record them,
+        # so dissect.py can rebuild the probe set of a run whose config.yaml is gone
+        self.save_hyperparameters()
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}; set data.init_args.batch_size")
         if num_workers < 0:

@@ -271,7 +271,7 @@ def label_layer(
         {
             "similarity": similarity,
             "unique_labels": len({r.label for r in labelled}),
-            "mean_top_score": (sum(r.score for r in labelled) / len(labelled)) if labelled else float("nan"),
+            "mean_top_score": (sum(r.score for r in labelled) / len(labelled)) if labelled else None,
             "tie_tol": tol,
             "ties": ties,
             "near_ties": near,
@@ -290,9 +290,10 @@ def _finite_or_none(v: float) -> Optional[float]:
     return v if math.isfinite(v) else None
 
 
-def _mean_of(values) -> float:
+def _mean_of(values) -> Optional[float]:
+    """Mean of the defined values; None (not NaN: outputs never show NaN) when there is none."""
     v = [x for x in values if x is not None]
-    return sum(v) / len(v) if v else float("nan")
+    return sum(v) / len(v) if v else None
 
 
 def label_drift(previous: Sequence[Optional[str]], current: Sequence[Optional[str]]) -> float:

@@ -503,7 +503,8 @@ def _layer_labels(layer, iou, concepts, categories, first: _FirstPass, quantile,
         "detector_fraction": len(detectors) / k_units if k_units else 0.0,
         "unique_concepts": len({r.label for r in detectors}),
         "per_category": per_category,
-        "mean_iou": sum(r.score for r in detectors) / len(detectors) if detectors else float("nan"),
+        "mean_iou": sum(r.score for r in detectors) / len(detectors) if detectors else None,  # None: no detector
+        "best_iou": max((r.score for r in rows if r.score is not None), default=0.0),
     }
     return LayerLabels(layer=layer, rows=rows, summary=summary, scores=iou)
 
@@ -529,8 +530,8 @@ def label_agreement(
 
     Returns:
         dict with ``detectors``, ``text_labelled`` (detectors that also have a text label), ``agree``,
-        ``agreement`` (agree / detectors, NaN without detectors), ``agreement_labelled`` (agree /
-        text_labelled) and ``agreeing_units``.
+        ``agreement`` (agree / detectors, None without detectors), ``agreement_labelled`` (agree /
+        text_labelled, None without any) and ``agreeing_units``.
     """
     if len(text_labels.rows) != len(iou_labels.rows):
         raise ValueError(f"text labels cover {len(text_labels.rows)} units of {text_labels.layer!r} but IoU labels "
@@ -546,7 +547,7 @@ def label_agreement(
         "detectors": len(detectors),
         "text_labelled": len(labelled),
         "agree": len(agreeing),
-        "agreement": len(agreeing) / len(detectors) if detectors else float("nan"),
-        "agreement_labelled": len(agreeing) / len(labelled) if labelled else float("nan"),
+        "agreement": len(agreeing) / len(detectors) if detectors else None,  # None: no detector to agree with
+        "agreement_labelled": len(agreeing) / len(labelled) if labelled else None,
         "agreeing_units": agreeing,
     }

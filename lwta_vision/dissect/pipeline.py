@@ -68,17 +68,24 @@ def write_report(
     extra_columns: Optional[dict] = None,
 ) -> Path:
     """CSV/JSON tables and (optionally) the HTML page; conv layers get activation maps recomputed for the
-    shown images only."""
+    shown images only. The page shows each image's recorded activation (from ``records``) and, where the
+    probe dataset is annotated, its ground-truth concepts."""
+    from lwta_vision.dissect.recording import order_by_image
+    from lwta_vision.dissect.report import ground_truth_concepts
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_tables(out_dir, results, meta)
     if html:
-        maps = {}
+        maps, activations = {}, {}
+        if records is not None:
+            activations = {name: order_by_image(rec, len(probe)) for name, rec in records.items()}
         if model is not None and records is not None:
             ds = probe.network_dataset()
             for name, rec in records.items():
                 if rec.spatial:
                     maps[name] = lambda idx, name=name: spatial_maps(model, name, ds, idx, device)
         write_html(out_dir, results, probe.raw, maps, images_per_unit=images_per_unit,
-                   title=f"lwta_vision dissection on {probe.name}", extra_columns=extra_columns)
+                   title=f"lwta_vision dissection on {probe.name}", extra_columns=extra_columns,
+                   activations=activations, image_concepts=ground_truth_concepts(probe.dataset), meta=meta)
     return out_dir

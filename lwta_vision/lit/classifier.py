@@ -164,6 +164,11 @@ class LitClassifier(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.planted_units:
             checkpoint["planted_units"] = [u.as_dict() for u in self.planted_units]
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and getattr(dm, "hparams", None) is not None:
+            # what dissect.py needs to rebuild the probe set (image size, seed, ...) when config.yaml is missing
+            checkpoint["datamodule"] = {"class_path": f"{type(dm).__module__}.{type(dm).__qualname__}",
+                                        "init_args": {k: v for k, v in dm.hparams.items() if _plain(v)}}
 
     def _planted_loss(self, masks: Tensor) -> Tensor:
         total, groups = 0.0, 0
@@ -269,6 +274,17 @@ class LitClassifier(L.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"}}
+
+
+def _plain(value) -> bool:
+    """JSON-like values only: checkpoints are read with weights_only=True, which refuses arbitrary objects."""
+    import json
+
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 def _mean(values) -> float:
