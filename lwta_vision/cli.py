@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from lwta_vision.callbacks.checkpoint import LastModelCheckpoint
+from lwta_vision.callbacks.requeue import StepBoundaryRequeue
 from lwta_vision.callbacks.rng import RNGStateCheckpoint
 from lwta_vision.callbacks.run_dir import RunConfigCallback, run_dir
 from lwta_vision.checkpoints import check_resume_checkpoint, read_checkpoint
@@ -28,7 +29,7 @@ from lwta_vision.lit import LitClassifier, NonFiniteLossError
 TRAINER_DEFAULTS = {
     "default_root_dir": "runs",
     "logger": {
-        "class_path": "lightning.pytorch.loggers.CSVLogger",
+        "class_path": "lwta_vision.loggers.CSVLogger",
         "init_args": {"save_dir": "runs", "name": "default"},
     },
 }
@@ -51,6 +52,8 @@ class LwtaCLI(LightningCLI):
         parser.add_lightning_class_args(LastModelCheckpoint, "checkpoint")
         # RNG states in every checkpoint: epoch-boundary resume continues the same random streams
         parser.add_lightning_class_args(RNGStateCheckpoint, "rng_state")
+        # SLURM auto-requeue saves its hpc checkpoint at a step boundary: the requeued job resumes exactly
+        parser.add_lightning_class_args(StepBoundaryRequeue, "requeue")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/acc",
@@ -71,6 +74,20 @@ class LwtaCLI(LightningCLI):
         path = self.config[sub].get("ckpt_path") if sub else None
         if _is_ckpt_file_path(path):
             read_checkpoint(path, mmap=True)
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI re-reads the model's init args from ``--ckpt_path``'s hyper-parameters, and rebuilding
+        the model's class spec from them resets the arguments the module does not save (its ``optimizer`` and
+        ``lr_scheduler`` callables) to their defaults: a resumed run silently trained without its learning-rate
+        schedule. Those two are kept from the config the run was started with."""
+        sub = self.config.get("subcommand")
+        keep = {}
+        if sub and self.config[sub].get("ckpt_path"):
+            init = self.config[sub].get("model", {}).get("init_args") or {}
+            keep = {k: init.get(k) for k in ("optimizer", "lr_scheduler") if init.get(k) is not None}
+        super()._parse_ckpt_path()
+        for k, v in keep.items():
+            self.config[sub]["model"]["init_args"][k] = v
 
     def _run_subcommand(self, subcommand: str) -> None:
         self._check_before_run(subcommand)

@@ -7,14 +7,11 @@ A tiny quickstart run (2 epochs x 2 batches, num_workers 0, seed 0) crashes in t
   exactly the same weights, val/acc and dissection history as the uninterrupted run, *provided the RNG states
   travel with the checkpoint* (``RNGStateCheckpoint``, on by default in train.py). Lightning does not save them: without it the resumed run
   draws its epoch-1 shuffle and its LWTA Gumbel noise from a freshly seeded stream and ends elsewhere.
-- From a **mid-epoch** checkpoint (step 3 of 4) it cannot be exact: Lightning restores the loop counters
-  (global step, batch index) but not the position inside the shuffled, non-stateful DataLoader, so the
-  remaining steps of epoch 1 draw a new permutation from a fresh iterator (and the RNG state at step 3 is not
-  the one the original epoch-1 iterator was created from); Lightning warns "your dataloader is not
-  resumable". Making it exact needs a stateful sampler/DataLoader (``state_dict``/``load_state_dict``).
-  What does hold, and is tested: training finishes at the same global step, and the NeuronDissection
-  callback's state (previous labels, history) survives, so the resumed epoch logs ``label_drift`` against
-  the labels of epoch 0.
+- From a **mid-epoch** checkpoint (step 3 of 4) it is exact too: the training loader is a torchdata
+  StatefulDataLoader whose sampler's order depends only on (seed, epoch) and whose position Lightning stores
+  in the checkpoint, so the remaining steps see the same batches with the same RNG states. The
+  NeuronDissection callback's state (previous labels, history) survives, so the resumed epoch logs
+  ``label_drift`` against the labels of epoch 0. (Kills at any step, one mid-write: tests/test_faults.py.)
 """
 from pathlib import Path
 
@@ -81,9 +78,13 @@ def test_resume_after_a_crash(tmp_path, monkeypatch):
     assert resumed_nd.previous_labels == full_nd.previous_labels
     assert resumed_nd.history == full_nd.history
 
-    # mid-epoch: finishes at the same step and the callback state survives (not bit-exact: see docstring)
+    # mid-epoch: exact too (the training loader is a StatefulDataLoader whose sampler order depends only on
+    # (seed, epoch), and its position travels with the checkpoint)
     mid, mid_nd = _fit(tmp_path, "from_step", monkeypatch, "--ckpt_path", str(step_ckpt))
     assert mid.trainer.global_step == 4
+    assert _same_weights(full, mid)
+    assert mid.model.scheduler_factory is not None  # --ckpt_path used to drop the LR schedule (see LwtaCLI)
+    assert mid.trainer.callback_metrics["val/acc"] == full.trainer.callback_metrics["val/acc"]
     assert mid_nd.history[0] == full_nd.history[0]  # epoch 0's dissection, restored from the checkpoint
     assert [h["epoch"] for h in mid_nd.history] == [0, 1]
     assert {"label_drift"} <= set(mid_nd.history[1]["fc"]) and {"label_drift"} <= set(mid_nd.history[1]["layer3"])

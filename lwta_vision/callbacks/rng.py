@@ -2,8 +2,8 @@
 
 Lightning does not checkpoint RNG states: a run resumed from an epoch-boundary checkpoint would draw its next
 shuffle and its LWTA Gumbel noise from a freshly seeded stream and end elsewhere. With this callback (on by
-default in train.py) it ends bit-identical on CPU. Mid-epoch resume stays inexact: Lightning does not restore
-the position inside a non-stateful DataLoader.
+default in train.py) it ends bit-identical on CPU, from an epoch boundary or mid-epoch (the training loaders are
+stateful, see ``lwta_vision.data.base.EpochShuffleSampler``).
 
 Under DDP every rank has its own streams (see ``distinct_rank_streams``): each checkpoint holds all ranks'
 states (gathered when it is written) and a resumed run with the same number of processes gives each rank its

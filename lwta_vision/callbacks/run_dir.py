@@ -52,6 +52,13 @@ class RunConfigCallback(SaveConfigCallback):
             self.already_saved = True
         self.already_saved = trainer.strategy.broadcast(self.already_saved)
 
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        # the metrics on disk keep up with the checkpoints: a job killed right after one (a SLURM requeue after
+        # its hpc checkpoint) loses no logged row
+        for logger in trainer.loggers:
+            if type(logger).__name__ in ("CSVLogger", "TensorBoardLogger"):
+                logger.save()
+
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """The whole run config (trainer, model, data, callbacks) in wandb's run config too."""
         from lightning.pytorch.loggers import WandbLogger

@@ -13,7 +13,7 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import transforms as T
 
 from lwta_vision.dissect.probe import ProbeSet
@@ -39,6 +39,54 @@ def unrepeated_eval_sampler(dataset: Dataset, trainer: Optional["L.Trainer"]) ->
     from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 
     return UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=trainer.global_rank, shuffle=False)
+
+
+class EpochShuffleSampler(DistributedSampler):
+    """Shuffled training indices whose order is a pure function of ``(seed, epoch)``, with its position as state.
+
+    Why not ``shuffle=True``: a RandomSampler draws each epoch's permutation from a generator whose state after
+    a resume is not the one it had, so the batches after a mid-epoch (or even epoch-boundary) resume differ from
+    an uninterrupted run's. Here epoch ``e``'s order is ``randperm(n)`` from a generator seeded with ``(seed,
+    e)``; Lightning calls :meth:`set_epoch` each epoch, and ``state_dict``/``load_state_dict`` (which torchdata's
+    StatefulDataLoader saves into every checkpoint) hold the epoch and how many indices were given out, so a
+    resumed run continues with exactly the batches it would have seen. Under DDP each rank takes its shard of
+    the same permutation, padded as ``DistributedSampler`` pads; being a DistributedSampler, Lightning keeps it
+    instead of wrapping it in one.
+    """
+
+    def __init__(self, num_samples: int, seed: int, num_replicas: int = 1, rank: int = 0):
+        super().__init__(range(int(num_samples)), num_replicas=num_replicas, rank=rank, shuffle=True, seed=int(seed))
+        self.size = int(num_samples)
+        self._start, self._yielded = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self._start = int(epoch), 0
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]))
+        order = torch.randperm(self.size, generator=g).tolist()
+        order += order[: self.total_size - len(order)]  # pad as DistributedSampler does (a no-op on one process)
+        mine = order[self.rank: self.total_size: self.num_replicas]
+        start, self._start = self._start, 0  # a restored position applies to the next iteration only
+        self._yielded = start
+        for i in mine[start:]:
+            self._yielded += 1
+            yield i
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "yielded": self._yielded, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self._start = int(state["epoch"]), int(state["yielded"])
+
+
+def shuffle_seed(seed: int) -> int:
+    """The training shuffle's seed: the run's global seed (``seed_everything``, the same on every DDP rank)
+    mixed with the data seed."""
+    import os
+
+    return int(np.random.SeedSequence([int(os.environ.get("PL_GLOBAL_SEED", 0)) % 2**63, int(seed)]).generate_state(1)[0])
 
 
 class ArrayImageDataset(Dataset):
@@ -210,9 +258,25 @@ class VisionDataModule(L.LightningDataModule):
             raise RuntimeError(f"{type(self).__name__}.setup() has not run; call prepare_data() and setup() "
                                f"first (the Trainer does this for you)")
         dataset = self.dataset(split)
-        sampler = None if split == "train" else unrepeated_eval_sampler(dataset, self.trainer)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=split == "train" and sampler is None,
-                          sampler=sampler, num_workers=self.num_workers, pin_memory=self.pin_memory,
+        if split == "train":
+            # resumable anywhere: Lightning saves a StatefulDataLoader's state (with the sampler's position) in
+            # every checkpoint, and the sampler's order depends only on (seed, epoch)
+            from torchdata.stateful_dataloader import StatefulDataLoader
+
+            seed = shuffle_seed(self.seed)
+            world = getattr(self.trainer, "world_size", 1) if self.trainer is not None else 1
+            rank = getattr(self.trainer, "global_rank", 0) if self.trainer is not None else 0
+            wanted = getattr(getattr(self.trainer, "_accelerator_connector", None), "use_distributed_sampler", True)
+            sampler = EpochShuffleSampler(len(dataset), seed, world if wanted else 1, rank if wanted else 0)
+            # its own generator for the workers' base seed: drawn from the global one, creating an iterator would
+            # shift the LWTA noise of a resumed run by one draw
+            return StatefulDataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
+                                      num_workers=self.num_workers, pin_memory=self.pin_memory,
+                                      persistent_workers=self.num_workers > 0,
+                                      generator=torch.Generator().manual_seed(seed))
+        sampler = unrepeated_eval_sampler(dataset, self.trainer)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, sampler=sampler,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory,
                           persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
