@@ -13,6 +13,7 @@ import importlib
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -26,6 +27,7 @@ from lwta_vision.concept_clip import is_concept_data
 from lwta_vision.data.base import VisionDataModule
 from lwta_vision.dissect.concepts import load_concept_set
 from lwta_vision.dissect.engine import TIE_TOL
+from lwta_vision.dissect.generative import MissingExtraError, SummarizerEndpointError
 from lwta_vision.dissect.pipeline import label_records, record_probe, write_report
 from lwta_vision.dissect.probe import ImageFolderImages, ProbeSet
 from lwta_vision.dissect.recording import LOG_SOFTMAX, capture, eval_mode, expose_log_softmax, resolve_layers
@@ -35,12 +37,23 @@ from lwta_vision.dissect.similarity import get_similarity
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SCORERS = ("auto", "clip", "concept_clip", "ground_truth")
 _DEFAULT_CLIP_MODEL = "ViT-B-16"
+RANDOM_WEIGHTS = "random"  # --torchvision_weights random: a deliberate untrained baseline
+_RANDOM_SEED = 0
+# errors that describe a wrong input: one ``error:`` line (LWTA_DEBUG=1 shows the traceback). Anything else
+# (RuntimeError, torch.OutOfMemoryError, AssertionError, IndexError, a KeyError nobody raised on purpose) is a
+# bug or a resource problem and keeps its traceback; a KeyError we raise on purpose is also a ValueError
+# (UnknownConceptError). CheckpointError is a ValueError.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, CheckpointError,
+                                                WeightsUnavailableError, MissingExtraError, SummarizerEndpointError)
 
 
 def _device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu or auto")
+    return dev
 
 
 def _run_config(checkpoint: str) -> Optional[dict]:
@@ -152,23 +165,86 @@ def _folder(image_folder: Optional[str]) -> tuple:
     return ImageFolderImages(image_folder), f"folder:{os.path.abspath(image_folder)}"
 
 
-def _torchvision_model(name: str, weights: Optional[str]):
+def _torchvision_weights(name: str, weights: Optional[str]):
+    """The weights enum entry that ``--torchvision_weights`` names (None for ``random``), refusing null."""
+    import difflib
+
     import torchvision
 
     try:
-        w = torchvision.models.get_model_weights(name)[weights] if weights else None
-    except (ValueError, KeyError) as err:
-        raise ValueError(f"torchvision model/weights {name!r}/{weights!r}: {err}") from None
-    try:
-        net = torchvision.models.get_model(name, weights=w)
-    except (OSError, RuntimeError) as err:  # URLError is an OSError
-        raise RuntimeError(
-            f"could not download torchvision weights {name}/{weights} ({err}); download them on a machine with "
-            f"network access into $TORCH_HOME/hub/checkpoints (default ~/.cache/torch/hub/checkpoints) and rerun"
-        ) from None
-    transform = w.transforms() if w is not None else T.Compose(
+        enum = torchvision.models.get_model_weights(name)
+    except ValueError:
+        close = difflib.get_close_matches(name, torchvision.models.list_models(), n=5, cutoff=0.5)
+        raise ValueError(f"unknown --torchvision_model {name!r}" + (f"; did you mean: {', '.join(close)}?" if close
+                         else "; see torchvision.models.list_models()")) from None
+    names = ", ".join(enum.__members__)
+    if weights is None:  # it used to mean random weights, without a word
+        raise ValueError(f"--torchvision_weights is null: pass a weights name for {name} ({names}; DEFAULT is the "
+                         f"best available) or --torchvision_weights {RANDOM_WEIGHTS} for a deliberate random "
+                         "baseline (an untrained network)")
+    if weights == RANDOM_WEIGHTS:
+        return None
+    if weights not in enum.__members__:
+        raise ValueError(f"unknown --torchvision_weights {weights!r} for {name}; choose one of {names}, or "
+                         f"{RANDOM_WEIGHTS} for an untrained network")
+    return enum[weights]
+
+
+def _weights_record(checkpoint: Optional[str], torchvision_model: Optional[str],
+                    torchvision_weights: Optional[str]) -> Optional[str]:
+    """What the network's weights are, for summary.json and the metrics: a random baseline must say so."""
+    if checkpoint is not None:
+        return "from the checkpoint"
+    if torchvision_model is None:
+        return None
+    w = _torchvision_weights(torchvision_model, torchvision_weights)
+    return f"random (untrained, torch seed {_RANDOM_SEED})" if w is None else str(w)
+
+
+def _torchvision_model(name: str, weights: Optional[str]):
+    """A torchvision network in eval mode, its preprocessing and class names.
+
+    ``weights`` names an entry of the model's weights enum (DEFAULT, IMAGENET1K_V1, ...), downloaded into
+    $TORCH_HOME/hub/checkpoints or found there. A file already there is used as is: torchvision checks the
+    hash in the file name only while downloading. ``random`` builds the network untrained (seeded), says so
+    on stderr and keeps the preprocessing and class names of the architecture's DEFAULT weights, so the
+    baseline is probed like its trained counterpart.
+    """
+    import pickle
+    import zipfile
+    from urllib.parse import urlparse
+
+    import torchvision
+
+    w = _torchvision_weights(name, weights)
+    if w is None:
+        print(f"random weights: {name} is built untrained (torch seed {_RANDOM_SEED}), as --torchvision_weights "
+              f"{RANDOM_WEIGHTS} asks; its labels describe an untrained network", file=sys.stderr)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_RANDOM_SEED)
+            net = torchvision.models.get_model(name, weights=None)
+        ref = torchvision.models.get_model_weights(name).__members__.get("DEFAULT")
+    else:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(w.url).path)
+        existed = cached.is_file()
+        try:
+            net = torchvision.models.get_model(name, weights=w)
+        except (OSError, RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError) as err:
+            first = (str(err).splitlines() or [type(err).__name__])[0][:200]
+            if existed:  # the file is there but unreadable, or another model's
+                raise CheckpointError(
+                    f"the torchvision weights file {str(cached)!r} does not hold {w} ({type(err).__name__}: "
+                    f"{first}); delete it to download it again, or replace it with the file from {w.url}") from None
+            if not isinstance(err, OSError) and "hash" not in str(err):  # URLError is an OSError
+                raise
+            raise WeightsUnavailableError(
+                f"could not download torchvision weights {name}/{weights} ({first}); download {w.url} on a machine "
+                f"with network access, put it under the same file name into {cached.parent} "
+                "($TORCH_HOME/hub/checkpoints) and rerun") from None
+        ref = w
+    transform = ref.transforms() if ref is not None else T.Compose(
         [T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    classes = list(w.meta.get("categories", [])) if w is not None else []
+    classes = list(ref.meta.get("categories", [])) if ref is not None else []
     return net.eval(), transform, classes
 
 
@@ -271,6 +347,10 @@ def describe(
         checkpoint: a .ckpt written by train.py (its run's config.yaml supplies the datamodule).
         torchvision_model: instead of a checkpoint, a torchvision model name (pretrained weights by
             ``torchvision_weights``; they must be downloadable or already cached).
+        torchvision_weights: the weights of ``torchvision_model``: an entry of its weights enum (DEFAULT,
+            IMAGENET1K_V1, ...; downloaded once into $TORCH_HOME/hub/checkpoints, or already there), or
+            ``random`` for a deliberate untrained baseline (announced on stderr and recorded as the run's
+            ``weights``); null is refused.
         data: a datamodule (``class_path`` + ``init_args``) overriding the one saved with the run.
         split: probe split of the datamodule (val, test, train).
         image_folder: probe on every image under this folder instead.
@@ -304,7 +384,8 @@ def describe(
     records = record_probe(net, layers, probe, top_k, pooling, token_pooling, batch_size, 0, dev, progress=True)
     image_concept = sc.similarity(probe, concept_list)
     results = label_records(records, image_concept, concept_list, similarity, similarity_kwargs, tie_tol)
-    meta = {"checkpoint": checkpoint, "torchvision_model": torchvision_model, "probe": probe.name,
+    meta = {"checkpoint": checkpoint, "torchvision_model": torchvision_model,
+            "weights": _weights_record(checkpoint, torchvision_model, torchvision_weights), "probe": probe.name,
             "num_images": len(probe), "concepts": concepts or "scorer default", "num_concepts": len(concept_list),
             "scorer": type(sc).__name__, "similarity": similarity}
     write_report(output_dir, results, probe, net, records, images_per_unit, meta, html, dev)
@@ -346,7 +427,11 @@ def evaluate(
     Linear module; ``log_softmax`` scores the class log-probabilities instead of the logits. ``output``: also
     write the metrics as JSON there. ``ties`` counts the class units whose label was decided by the tie-break
     key because another concept scored within ``tie_tol`` (see ``lwta_vision.dissect.engine``); ``margins``
-    gives each unit's lead over its runner-up.
+    gives each unit's lead over its runner-up; ``weights`` says what the network's weights are.
+
+    Args:
+        torchvision_weights: DEFAULT, IMAGENET1K_V1, ... (the model's weights enum), or ``random`` for a
+            deliberate untrained baseline (announced on stderr, recorded as ``weights``); null is refused.
     """
     from lwta_vision.dissect.evaluate import SentenceEmbedder, evaluate_labels
 
@@ -372,7 +457,8 @@ def evaluate(
     metrics = evaluate_labels(res.top_labels(5, concept_list), class_names, embedder)
     metrics = {k: float(v) for k, v in metrics.items()}
     margins = [r.margin for r in res.rows]
-    metrics.update({"layer": layer, "num_units": len(res.rows), "num_concepts": len(concept_list),
+    metrics.update({"weights": _weights_record(checkpoint, torchvision_model, torchvision_weights),
+                    "layer": layer, "num_units": len(res.rows), "num_concepts": len(concept_list),
                     "probe": probe.name, "scorer": type(sc).__name__, "tie_tol": tie_tol,
                     "ties": sum(r.decided_by not in (None, "score") for r in res.rows),
                     "min_margin": min((m for m in margins if m is not None), default=None),
@@ -410,6 +496,10 @@ def explain(
     For every dissected layer: the units most active on this image (for LWTA layers, the winners) and
     their labels. For the final Linear layer: the input units with the largest contribution
     (weight x activation) to the predicted logit, labelled when the layer feeding it was dissected.
+
+    Args:
+        torchvision_weights: DEFAULT, IMAGENET1K_V1, ... (the model's weights enum), or ``random`` for a
+            deliberate untrained baseline (announced on stderr, recorded as ``weights``); null is refused.
     """
     from PIL import Image
 
@@ -454,12 +544,17 @@ def explain(
     probs = logits.softmax(-1)[0]
     pred = int(probs.argmax())
     result = {"image": image, "prediction": class_names[pred] if pred < len(class_names) else pred,
-              "probability": float(probs[pred]), "layers": {}, "contributions": []}
+              "probability": float(probs[pred]), "layers": {}, "contributions": [],
+              "weights": _weights_record(checkpoint, torchvision_model, torchvision_weights)}
     from lwta_vision.dissect.recording import pool_output
 
     print(f"{image}: predicted {result['prediction']!r} (p={result['probability']:.3f})")
     for layer in layer_names:
         pooled = pool_output(outs[layer])[0].float().cpu()
+        if len(labels[layer]) != pooled.numel():
+            raise ValueError(f"{labels_dir} labels {len(labels[layer])} units of {layer!r} but this network's "
+                             f"{layer!r} has {pooled.numel()}: the labels describe another network; run "
+                             f"`dissect.py describe` on this one with another --output_dir and pass that")
         order = pooled.argsort(descending=True)[:top_units].tolist()
         rows = [{"unit": u, "activation": float(pooled[u]), "label": labels[layer][u]["label"]} for u in order
                 if pooled[u] != 0]
@@ -514,6 +609,8 @@ def dnd(
     language model, the best candidate chosen by how the neuron responds to images of it.
 
     Args:
+        torchvision_weights: DEFAULT, IMAGENET1K_V1, ... (the model's weights enum), or ``random`` for a
+            deliberate untrained baseline (announced on stderr, recorded as ``weights``); null is refused.
         units: unit indices to describe (default every unit that won on the probe set; DnD is slow per unit).
         captioner: a transformers image-to-text model (local folder or hub name, BLIP-style), or
             ``ground_truth``: a test double describing the visible shapes/colours/textures of the generated
@@ -579,7 +676,8 @@ def dnd(
             top_images, concept_images, max_crops, seed, candidates_fn, pooling=pooling, token_pooling=token_pooling,
             device=dev, batch_size=batch_size, progress=True)
     meta = {"method": "describe_and_dissect", "checkpoint": checkpoint, "torchvision_model": torchvision_model,
-            "probe": probe.name, "num_images": len(probe), "captioner": captioner, "summarizer": summarizer,
+            "weights": _weights_record(checkpoint, torchvision_model, torchvision_weights), "probe": probe.name,
+            "num_images": len(probe), "captioner": captioner, "summarizer": summarizer,
             "concept_images": generator or f"retrieved from the probe set by {type(sc).__name__}",
             "weighting": "clip image-image" if embedder else "none", "seed": seed, "rounds": rounds, "beta": beta}
     D.write_dnd_report(output_dir, results, records, meta, html)
@@ -621,6 +719,8 @@ def iou(
 
     Args:
         layers: conv layers (spatial outputs), e.g. ``[layer2, layer3]``.
+        torchvision_weights: DEFAULT, IMAGENET1K_V1, ... (the model's weights enum), or ``random`` for a
+            deliberate untrained baseline (announced on stderr, recorded as ``weights``); null is refused.
         broden: a Broden folder (index.csv, label.csv, images/) used as the probe set.
         broden_categories: restrict Broden to these categories (color, object, part, material, scene, texture).
         quantile: top quantile of each unit's activations that defines its map (0.005 in NetDissect).
@@ -668,8 +768,9 @@ def iou(
                   f"less than a concept's area and caps IoU; try --quantile 0.02 (NetDissect's 0.005 was set for "
                   f"large images)", file=sys.stderr)
     out = Path(output_dir)
-    meta = {"method": "iou", "checkpoint": checkpoint, "probe": probe.name, "quantile": quantile,
-            "iou_threshold": iou_threshold}
+    meta = {"method": "iou", "checkpoint": checkpoint, "torchvision_model": torchvision_model,
+            "weights": _weights_record(checkpoint, torchvision_model, torchvision_weights), "probe": probe.name,
+            "quantile": quantile, "iou_threshold": iou_threshold}
     write_tables(out, results, meta)
     if html:
         ds = probe.network_dataset()
@@ -704,10 +805,25 @@ def main(args: Optional[list[str]] = None):
     try:
         return CLI([describe, explain, evaluate, iou, dnd], args=args, parser_mode="omegaconf",
                    description=__doc__)
-    except (ValueError, FileNotFoundError, CheckpointError, RuntimeError, KeyError) as err:
-        if debug:
+    except Exception as err:
+        user = _user_error(err)
+        if user is None or debug:
             raise
         from lwta_vision.cli import error_message
 
-        print(f"error: {error_message(err)}", file=sys.stderr)
+        print(f"error: {error_message(user)}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _user_error(err: BaseException) -> Optional[BaseException]:
+    """The user-facing error behind ``err`` (one of :data:`USER_ERRORS`), or None for a bug.
+
+    As in train.py (``lwta_vision.cli._user_error``): jsonargparse wraps an error raised while building
+    ``--data`` ("Does not validate against any of the Union subtypes ...") and keeps ours as ``__cause__``;
+    that one is shown.
+    """
+    tb = traceback.extract_tb(err.__traceback__)
+    while err.__cause__ is not None and tb and "jsonargparse" in tb[-1].filename:
+        err = err.__cause__
+        tb = traceback.extract_tb(err.__traceback__)
+    return err if isinstance(err, USER_ERRORS) else None

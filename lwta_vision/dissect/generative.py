@@ -5,7 +5,7 @@ loads its model once, and is seeded per call, so a description is reproducible. 
 are optional (``pip install 'lwta_vision[dnd]'``); they are imported only when a wrapper is built, and a
 missing one is a clear error naming the extra. Models come from a local folder or a Hugging Face hub name
 (fetched once, then cached); when neither can be read the error says how to provide them. Never random
-weights.
+weights: a model whose weights file lacks some of its weights is refused (:class:`IncompleteModelError`).
 """
 from __future__ import annotations
 
@@ -29,7 +29,16 @@ GENERATION_TEMPLATE = "One realistic image of {}"
 
 
 class MissingExtraError(RuntimeError):
-    pass
+    """transformers or diffusers is not installed: the error names the extra to install."""
+
+
+class IncompleteModelError(ValueError):
+    """A model folder whose weights file lacks weights its architecture needs (transformers would initialise
+    them randomly and only log it)."""
+
+
+class SummarizerEndpointError(RuntimeError):
+    """The OpenAI-compatible summariser endpoint cannot be reached or answers something unusable."""
 
 
 def require(module: str):
@@ -57,6 +66,28 @@ def _unavailable(kind: str, name: str, err: BaseException) -> WeightsUnavailable
         f"`hf download {name} --local-dir DIR` on a machine with network access)")
 
 
+def _from_pretrained(auto_class, model: str, kind: str):
+    """``auto_class.from_pretrained(model)``, refusing a checkpoint that does not hold every weight: a missing
+    weight would be initialised randomly, with only a log line to say so."""
+    try:
+        net, info = auto_class.from_pretrained(model, output_loading_info=True)
+    except (OSError, ValueError) as err:
+        raise _unavailable(kind, model, err) from None
+    missing, unexpected = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
+    mismatched = sorted(str(k) for k in info.get("mismatched_keys") or ())
+    if missing or mismatched:
+        where = os.path.abspath(model) if os.path.isdir(model) else model
+        parts = [f"{len(missing)} missing (e.g. {', '.join(missing[:5])})"] if missing else []
+        parts += [f"{len(mismatched)} with another shape (e.g. {', '.join(mismatched[:3])})"] if mismatched else []
+        parts += [f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:5])})"] if unexpected else []
+        raise IncompleteModelError(
+            f"the {kind} model {where!r} does not hold every weight of its architecture "
+            f"({type(net).__name__}): {'; '.join(parts)} keys; transformers would initialise them randomly. The "
+            "weights file is incomplete or belongs to another architecture: download the model again (`hf download "
+            "NAME --local-dir DIR`) or save it with save_pretrained, and pass that folder")
+    return net
+
+
 def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
@@ -73,9 +104,9 @@ class HFCaptioner:
         transformers = require("transformers")
         try:
             self.processor = transformers.AutoProcessor.from_pretrained(model)
-            self.model = transformers.AutoModelForImageTextToText.from_pretrained(model)
         except (OSError, ValueError) as err:
             raise _unavailable("captioning", model, err) from None
+        self.model = _from_pretrained(transformers.AutoModelForImageTextToText, model, "captioning")
         self.model.to(device).eval()
         self.name, self.device, self.prompt = model, torch.device(device), prompt
         self.max_new_tokens, self.do_sample, self.batch_size = max_new_tokens, do_sample, batch_size
@@ -110,9 +141,9 @@ class HFSummarizer:
         transformers = require("transformers")
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(model)
-            self.model = transformers.AutoModelForCausalLM.from_pretrained(model)
         except (OSError, ValueError) as err:
             raise _unavailable("summarising", model, err) from None
+        self.model = _from_pretrained(transformers.AutoModelForCausalLM, model, "summarising")
         self.model.to(device).eval()
         self.name, self.device, self.template = model, torch.device(device), template
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
@@ -162,18 +193,19 @@ class OpenAISummarizer:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 payload = json.loads(resp.read().decode())
         except urllib.error.HTTPError as err:
-            raise RuntimeError(f"summarizer endpoint {self.url} answered HTTP {err.code}: "
-                               f"{err.read()[:200].decode(errors='replace')}") from None
+            raise SummarizerEndpointError(f"summarizer endpoint {self.url} answered HTTP {err.code}: "
+                                          f"{err.read()[:200].decode(errors='replace')}") from None
         except (urllib.error.URLError, OSError) as err:
-            raise RuntimeError(f"cannot reach the summarizer endpoint {self.url} ({getattr(err, 'reason', err)}); "
-                               "start the server (e.g. llama.cpp `llama-server`, `vllm serve`) or fix --summarizer") from None
+            raise SummarizerEndpointError(
+                f"cannot reach the summarizer endpoint {self.url} ({getattr(err, 'reason', err)}); start the server "
+                "(e.g. llama.cpp `llama-server`, `vllm serve`) or fix --summarizer") from None
         except json.JSONDecodeError:
-            raise RuntimeError(f"summarizer endpoint {self.url} did not answer JSON") from None
+            raise SummarizerEndpointError(f"summarizer endpoint {self.url} did not answer JSON") from None
         try:
             return str(payload["choices"][0]["message"]["content"])
         except (KeyError, IndexError, TypeError):
-            raise RuntimeError(f"summarizer endpoint {self.url} answered without choices[0].message.content: "
-                               f"{str(payload)[:200]}") from None
+            raise SummarizerEndpointError(f"summarizer endpoint {self.url} answered without "
+                                          f"choices[0].message.content: {str(payload)[:200]}") from None
 
 
 class DiffusersGenerator:

@@ -19,9 +19,10 @@ import torch
 from torch import Tensor
 
 from .cache import TensorCache, cache_key, hash_file, hash_state_dict, hash_strings
-from .probe import ProbeSet
+from .probe import ProbeSet, _FirstN
 
-__all__ = ["Scorer", "CLIPScorer", "GroundTruthScorer", "WeightsUnavailableError", "resolve_device"]
+__all__ = ["Scorer", "CLIPScorer", "GroundTruthScorer", "UnknownConceptError", "WeightsUnavailableError",
+           "resolve_device"]
 
 _PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -38,13 +39,21 @@ class WeightsUnavailableError(RuntimeError):
     """Pretrained CLIP weights could not be fetched (offline, blocked, or not in the local cache)."""
 
 
+class UnknownConceptError(KeyError, ValueError):
+    """Concepts that a :class:`GroundTruthScorer`'s dataset does not annotate: a wrong input (ValueError, what
+    the CLIs show as one line), still a KeyError for callers that caught one before."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 def resolve_device(device: str) -> torch.device:
     """``"auto"`` -> cuda if available else cpu; anything else is passed to ``torch.device``."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={device!r} requested but CUDA is not available; use device='cpu' or 'auto'")
+        raise ValueError(f"device={device!r} requested but CUDA is not available; use device='cpu' or 'auto'")
     return dev
 
 
@@ -90,6 +99,38 @@ def _keeps_global_rng(init):
             return init(*args, **kwargs)
 
     return wrapper
+
+
+def _check_weights_file(path: str) -> None:
+    """One clear error for a weights file that cannot be read as a state dict (truncated, corrupt, another
+    format, no tensors), before open_clip reads it; cheap: the safetensors header, or the torch file mapped."""
+    import pickle
+    import zipfile
+
+    from safetensors import SafetensorError
+
+    if path.endswith((".npz", ".npy")):  # big_vision (SigLIP) weights: open_clip's own reader
+        return
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                sd = dict.fromkeys(f.keys())
+            has_tensors = bool(sd)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+            if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+                sd = sd["state_dict"]  # an open_clip training checkpoint
+            has_tensors = isinstance(sd, dict) and any(isinstance(v, Tensor) for v in sd.values())
+    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError,
+            SafetensorError) as e:
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise ValueError(f"could not read checkpoint {path}: not a readable PyTorch or safetensors file (truncated, "
+                         f"corrupt or another format; {type(e).__name__}: {first}); download it again") from None
+    if not has_tensors:
+        what = "a dict without tensors" if isinstance(sd, dict) else f"a {type(sd).__name__}"
+        raise ValueError(f"could not read checkpoint {path}: it holds {what}, not a state dict of CLIP weights")
 
 
 class CLIPScorer(Scorer):
@@ -241,15 +282,21 @@ class CLIPScorer(Scorer):
 
     # ------------------------------------------------------------------ weights
     def _load_checkpoint(self, model: torch.nn.Module, path: str) -> None:
+        """Read the file, then fit it to the architecture: each failure says which of the two went wrong, and
+        anything else (a bug, out of memory) keeps its traceback."""
         import open_clip
 
+        _check_weights_file(path)
         try:
             incompatible = open_clip.load_checkpoint(model, path, strict=False, weights_only=True)
-        except RuntimeError as e:  # e.g. size mismatch: another architecture
-            first = "; ".join(str(e).splitlines()[:4])
-            raise ValueError(f"checkpoint {path} does not fit architecture {self.model_name!r}: {first}") from e
-        except Exception as e:
-            raise ValueError(f"could not read checkpoint {path} ({type(e).__name__}: {e})") from e
+        except RuntimeError as e:
+            mismatched = [line.strip() for line in str(e).splitlines() if line.strip().startswith("size mismatch")]
+            if not mismatched:
+                raise
+            raise ValueError(
+                f"checkpoint {path} does not fit architecture {self.model_name!r}: {len(mismatched)} shape "
+                f"mismatches ({'; '.join(mismatched[:3])}). Is model_name the architecture these weights were "
+                "trained with?") from None
         missing = list(getattr(incompatible, "missing_keys", []) or [])
         unexpected = list(getattr(incompatible, "unexpected_keys", []) or [])
         if missing or unexpected:
@@ -362,10 +409,16 @@ class GroundTruthScorer(Scorer):
     (:mod:`lwta_vision.dissect.engine`); measured on the quickstart's fc over seeds 0-2 (RESULTS.md §0),
     both scales then name the same 17/18 classes, and 0.3 leaves slightly fewer labels to the tie-break.
 
+    The rows belong to one dataset, by identity: :meth:`similarity` refuses a probe set built on another one,
+    even of the same length (the val and test splits of the generated data both have 1000 images, and
+    annotations of the one would silently label the other). A view of the annotated dataset
+    (``probe.first(n)``) gets its own rows.
+
     Args:
         presence: [N images, M concepts] tensor, nonzero where the concept is present.
         concept_names: the M column names.
-        dataset: optional; the dataset the rows belong to, checked against the probe set's dataset.
+        dataset: optional; the dataset the rows belong to, checked against the probe set's dataset (without
+            it any probe set of N images is accepted).
         scale: the value of a present concept.
     """
 
@@ -396,23 +449,48 @@ class GroundTruthScorer(Scorer):
         return cls(dataset.presence_matrix(), list(dataset.concept_names), dataset=dataset, scale=scale)
 
     def similarity(self, probe: ProbeSet, concepts: Sequence[str]) -> Tensor:
-        """``scale`` x the presence matrix, with columns in the order of ``concepts``."""
-        n = self.presence.shape[0]
-        if self.dataset is not None and probe.dataset is not self.dataset and len(probe.dataset) != n:
-            raise ValueError(
-                f"probe set {probe.name!r} ({len(probe.dataset)} images of {type(probe.dataset).__name__}) is not "
-                f"the annotated dataset ({type(self.dataset).__name__}, {n} images): ground-truth P needs the "
-                "probe set to be built on the same dataset")
-        if len(probe) != n:
-            raise ValueError(f"probe set {probe.name!r} has {len(probe)} images but the annotations cover {n}")
+        """``scale`` x the presence rows of the probe's images, with columns in the order of ``concepts``."""
+        presence = self._rows(probe)
         unknown = [c for c in concepts if _norm(c) not in self._index]
         if unknown:
             hints = [f"{c!r} (close: {difflib.get_close_matches(c, self.concept_names, n=3)})" for c in unknown[:5]]
-            raise KeyError(f"{len(unknown)} concepts are not annotated in the dataset: {', '.join(hints)}; "
-                           f"annotated: {', '.join(self.concept_names[:30])}"
-                           f"{' ...' if len(self.concept_names) > 30 else ''}")
+            raise UnknownConceptError(f"{len(unknown)} concepts are not annotated in the dataset: {', '.join(hints)}; "
+                                      f"annotated: {', '.join(self.concept_names[:30])}"
+                                      f"{' ...' if len(self.concept_names) > 30 else ''}")
         cols = torch.tensor([self._index[_norm(c)] for c in concepts], dtype=torch.long)
-        return (self.presence != 0).float().index_select(1, cols) * self.scale
+        return (presence != 0).float().index_select(1, cols) * self.scale
+
+    def _rows(self, probe: ProbeSet) -> Tensor:
+        """The presence rows of ``probe``'s images: all of them for the annotated dataset, the first n for a
+        ``first(n)`` view of it; any other dataset is refused, whatever its length."""
+        n = self.presence.shape[0]
+        if self.dataset is not None:
+            base, _ = _prefix_of(self.dataset)
+            probe_base, k = _prefix_of(probe.dataset)
+            if probe_base is not base:
+                raise ValueError(
+                    f"probe set {probe.name!r} ({_describe_dataset(probe_base, len(probe))}) is not built on the "
+                    f"annotated dataset ({_describe_dataset(base, n)}); ground-truth P needs the probe set to be "
+                    "built on the same dataset: GroundTruthScorer.from_dataset(probe.dataset)")
+            if k <= n:
+                return self.presence[:k]
+        if len(probe) != n:
+            raise ValueError(f"probe set {probe.name!r} has {len(probe)} images but the annotations cover {n}")
+        return self.presence
+
+
+def _prefix_of(dataset) -> tuple[object, int]:
+    """``(the dataset under any ProbeSet.first(n) views, how many of its first items the view holds)``."""
+    n = len(dataset)
+    while isinstance(dataset, _FirstN):
+        dataset = dataset.dataset
+        n = min(n, len(dataset))
+    return dataset, n
+
+
+def _describe_dataset(dataset, n: int) -> str:
+    split = getattr(dataset, "split", None)
+    return f"{n} images of {type(dataset).__name__}" + (f", split {split!r}" if isinstance(split, str) else "")
 
 
 def _norm(name: str) -> str:
