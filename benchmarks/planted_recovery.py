@@ -70,8 +70,10 @@ def measure(ckpt: Path, max_images: int | None = None, with_dnd: bool = True, se
     p_gt = gt.similarity(probe, names)
     p_clip = ConceptCLIPScorer().similarity(probe, names)
     labels = {}
+    gt_labels = {l: label_layer(records[l], p_gt, names) for l in layers}  # also the free units' labels below
+    labels["gt_active"] = {l: r.labels for l, r in gt_labels.items()}
+    labels["gt_all"] = {l: label_layer(records[l], p_gt, names, prior_units="all").labels for l in layers}
     for prior in ("active", "all"):
-        labels[f"gt_{prior}"] = {l: label_layer(records[l], p_gt, names, prior_units=prior).labels for l in layers}
         labels[f"clip_{prior}"] = {l: label_layer(records[l], p_clip, names, prior_units=prior).labels for l in layers}
     labels["iou"] = {l: iou_dissect(net, l, probe)[0].labels for l in layers}
     if with_dnd:
@@ -107,7 +109,7 @@ def measure(ckpt: Path, max_images: int | None = None, with_dnd: bool = True, se
             q = label_quality(acts, p_gt, lab)
             quality[key] += [(float(q["label_corr"][p.unit]), float(q["label_auprc"][p.unit]),
                               float(q["label_base_rate"][p.unit])) for p in mine]
-        free = label_layer(records[layer], p_gt, names)
+        free = gt_labels[layer]
         taken = {p.unit for p in mine}
         quality["free"] += [(r.label_corr, r.label_auprc, r.label_base_rate) for r in free.rows
                             if r.active and r.unit not in taken and r.label_corr is not None]

@@ -104,18 +104,16 @@ def test_clip_similarities_become_presence_by_otsu():
 
 
 def test_planted_units_need_concept_masks(tmp_path):
+    def fit(*extra):
+        cli_main(["fit", "--config", str(ROOT / "configs" / "planted.yaml"), *extra, "--data.init_args.num_train",
+                  "64", "--data.init_args.num_val", "32", "--data.init_args.num_test", "32", "--trainer.max_epochs",
+                  "1", "--trainer.callbacks=[]", "--trainer.logger.init_args.save_dir", str(tmp_path),
+                  "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"])
+
     with pytest.raises(ValueError, match="concept_masks: true"):
-        cli_main(["fit", "--config", str(ROOT / "configs" / "planted.yaml"), "--data.init_args.concept_masks",
-                  "false", "--data.init_args.num_train", "64", "--data.init_args.num_val", "32",
-                  "--data.init_args.num_test", "32", "--trainer.max_epochs", "1", "--trainer.callbacks=[]",
-                  "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.default_root_dir", str(tmp_path),
-                  "--trainer.enable_progress_bar", "false"])
+        fit("--data.init_args.concept_masks", "false")
     with pytest.raises(ValueError, match="not concepts of the data"):
-        cli_main(["fit", "--config", str(ROOT / "configs" / "planted.yaml"), "--model.init_args.planted",
-                  "{layer2: [teal]}", "--data.init_args.num_train", "64", "--data.init_args.num_val", "32",
-                  "--data.init_args.num_test", "32", "--trainer.max_epochs", "1", "--trainer.callbacks=[]",
-                  "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.default_root_dir", str(tmp_path),
-                  "--trainer.enable_progress_bar", "false"])
+        fit("--model.init_args.planted", "{layer2: [teal]}")
 
 
 def test_planted_units_are_recovered_and_score_above_controls(tmp_path):

@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning as L
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 
 def run_dir(trainer: L.Trainer) -> Path:
@@ -56,7 +57,7 @@ class RunConfigCallback(SaveConfigCallback):
         # the metrics on disk keep up with the checkpoints: a job killed right after one (a SLURM requeue after
         # its hpc checkpoint) loses no logged row
         for logger in trainer.loggers:
-            if type(logger).__name__ in ("CSVLogger", "TensorBoardLogger"):
+            if isinstance(logger, (CSVLogger, TensorBoardLogger)):
                 logger.save()
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
