@@ -23,10 +23,10 @@ import lightning as L
 import torch
 
 from lwta_vision.data import ConceptDataModule
-from lwta_vision.dissect.engine import label_layer
-from lwta_vision.dissect.iou import iou_dissect, label_agreement
+from lwta_vision.dissect.clip_dissect.labeling import label_layer
+from lwta_vision.dissect.clip_dissect.scorers import GroundTruthScorer
+from lwta_vision.dissect.netdissect.iou import iou_dissect, label_agreement
 from lwta_vision.dissect.pipeline import record_probe
-from lwta_vision.dissect.scorers import GroundTruthScorer
 from lwta_vision.lit import LitClassifier
 
 LAYERS = ["layer1", "layer2", "layer3"]

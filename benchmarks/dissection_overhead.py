@@ -15,9 +15,10 @@ import time
 import torch
 
 from lwta_vision.data import ConceptDataModule
-from lwta_vision.dissect.pipeline import label_records, probe_loader
+from lwta_vision.dissect.clip_dissect.labeling import label_records
+from lwta_vision.dissect.clip_dissect.scorers import GroundTruthScorer
+from lwta_vision.dissect.pipeline import probe_loader
 from lwta_vision.dissect.recording import eval_mode, record_activations
-from lwta_vision.dissect.scorers import GroundTruthScorer
 from lwta_vision.models import create_model
 
 

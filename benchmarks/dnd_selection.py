@@ -21,11 +21,12 @@ from pathlib import Path
 
 def measure(ckpt: str, out_dir: str, seed: int = 0, layer: str = "fc") -> dict:
     from lwta_vision.checkpoints import load_network
-    from lwta_vision.dissect.dnd import layer_activations
-    from lwta_vision.dissect.generative import GeneratedConceptImages
+    from lwta_vision.dissect.dnd.generative import GeneratedConceptImages
+    from lwta_vision.dissect.dnd.selection import layer_activations
     from lwta_vision.dissect.recording import expose_log_softmax
-    from lwta_vision.dissect_cli import _instantiate, _run_config
     from lwta_vision.dissect_cli import main as dissect_main
+    from lwta_vision.dissect_cli.loading import instantiate as _instantiate
+    from lwta_vision.dissect_cli.loading import run_config as _run_config
 
     res = dissect_main(["dnd", "--checkpoint", str(ckpt), "--layers", f"[{layer}]", "--captioner", "ground_truth",
                         "--summarizer", "ground_truth", "--generator", "ground_truth", "--scorer", "ground_truth", "--output_dir", str(out_dir),

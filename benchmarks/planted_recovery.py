@@ -7,7 +7,7 @@ planted layers with:
 - soft-WPMI with ground truth (``GroundTruthScorer``), prior log p(t) over the active units (our default)
   and over all units (CLIP-Dissect's code);
 - soft-WPMI with the concept CLIP shipped in lwta_vision (both priors);
-- Network Dissection's IoU (``dissect.iou.iou_dissect``);
+- Network Dissection's IoU (``dissect.netdissect.iou_dissect``);
 - Describe-and-Dissect's selection with the ground-truth doubles (``dissect.py dnd``, planted units only).
 
 and reports per method the share of planted units whose top label is the planted concept. It also gives the
@@ -50,14 +50,14 @@ def train(seed: int, out: Path, epochs: int | None = None, extra: tuple[str, ...
 def measure(ckpt: Path, max_images: int | None = None, with_dnd: bool = True, seed: int = 0) -> dict:
     """Recovery per method and label quality of the planted units of one checkpoint."""
     from lwta_vision.concept_clip.scorer import ConceptCLIPScorer
-    from lwta_vision.dissect.engine import label_layer
-    from lwta_vision.dissect.iou import iou_dissect
+    from lwta_vision.dissect.clip_dissect.labeling import label_layer
+    from lwta_vision.dissect.clip_dissect.scorers import GroundTruthScorer
+    from lwta_vision.dissect.evaluate.planted import planted_from_checkpoint, recovered
+    from lwta_vision.dissect.evaluate.quality import label_quality
+    from lwta_vision.dissect.netdissect.iou import iou_dissect
     from lwta_vision.dissect.pipeline import record_probe
-    from lwta_vision.dissect.planted import planted_from_checkpoint, recovered
-    from lwta_vision.dissect.quality import label_quality
     from lwta_vision.dissect.recording import order_by_image
-    from lwta_vision.dissect.scorers import GroundTruthScorer
-    from lwta_vision.dissect_cli import _load
+    from lwta_vision.dissect_cli.loading import load_inputs as _load
 
     planted = planted_from_checkpoint(torch.load(ckpt, map_location="cpu", weights_only=False))
     if not planted:

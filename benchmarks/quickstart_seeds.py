@@ -39,10 +39,11 @@ def evaluate(ckpt: Path, scorer: str = "auto", scale: float | None = None) -> di
         m = dissect_main(["evaluate", "--checkpoint", str(ckpt), "--device", "cpu", "--sentence_model", "null",
                           "--scorer", scorer])
         return {k: m[k] for k in ("top1", "top5", "ties", "min_margin", "min_tie_margin", "labels", "scorer")}
-    from lwta_vision.dissect.evaluate import label_accuracy
-    from lwta_vision.dissect.pipeline import label_records, record_probe
-    from lwta_vision.dissect.scorers import GroundTruthScorer
-    from lwta_vision.dissect_cli import _load
+    from lwta_vision.dissect.clip_dissect.labeling import label_records
+    from lwta_vision.dissect.clip_dissect.scorers import GroundTruthScorer
+    from lwta_vision.dissect.evaluate.final_layer import label_accuracy
+    from lwta_vision.dissect.pipeline import record_probe
+    from lwta_vision.dissect_cli.loading import load_inputs as _load
 
     net, probe, classes = _load(str(ckpt), None, None, None, "val", None)
     rec = record_probe(net, ["fc"], probe)

@@ -32,7 +32,7 @@ def _status_kib(field: str) -> int:
 def _worker(args: argparse.Namespace) -> None:
     import torch
 
-    from lwta_vision.dissect import similarity
+    from lwta_vision.dissect.clip_dissect import similarity
 
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(args.seed)

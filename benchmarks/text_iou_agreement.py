@@ -8,11 +8,12 @@ from __future__ import annotations
 import argparse
 
 from lwta_vision.checkpoints import load_network
-from lwta_vision.dissect.engine import label_layer
-from lwta_vision.dissect.iou import iou_dissect, label_agreement
+from lwta_vision.dissect.clip_dissect.labeling import label_layer
+from lwta_vision.dissect.clip_dissect.scorers import GroundTruthScorer
+from lwta_vision.dissect.netdissect.iou import iou_dissect, label_agreement
 from lwta_vision.dissect.pipeline import record_probe
-from lwta_vision.dissect.scorers import GroundTruthScorer
-from lwta_vision.dissect_cli import _instantiate, _run_config
+from lwta_vision.dissect_cli.loading import instantiate as _instantiate
+from lwta_vision.dissect_cli.loading import run_config as _run_config
 
 
 def main() -> None:

@@ -199,7 +199,7 @@ def _user_error(err: BaseException) -> Optional[BaseException]:
     the Union subtypes ... Errors: - <ours>") and keeps ours as ``__cause__``; that one is shown. A TypeError
     from a constructor (a misspelled ``model_kwargs`` key) counts as a config error there too.
     """
-    from lwta_vision.dissect.scorers import WeightsUnavailableError
+    from lwta_vision.dissect.clip_dissect.scorers import WeightsUnavailableError
 
     tb = traceback.extract_tb(err.__traceback__)
     while err.__cause__ is not None and tb and "jsonargparse" in tb[-1].filename:

@@ -49,6 +49,6 @@ def random_images(n: int, size: int = 32, seed: int = 0):
 
 def random_probe(n: int = 10, size: int = 32, seed: int = 0, name: str = "random"):
     """A ProbeSet over :func:`random_images` with an identity transform for the target network."""
-    from lwta_vision.dissect.probe import ProbeSet
+    from lwta_vision.datasets.probe import ProbeSet
 
     return ProbeSet(random_images(n, size, seed), transform=lambda img: img, name=name)

@@ -14,8 +14,7 @@ SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 def build_tiny_captioner(path: str) -> str:
     """A 32-px BLIP captioner (random weights) saved with its processor under ``path``."""
     import torch
-    from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
-                              BlipProcessor)
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
     os.makedirs(path, exist_ok=True)
     vocab = SPECIALS + list(WORDS)

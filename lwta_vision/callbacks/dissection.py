@@ -12,13 +12,15 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from lwta_vision.callbacks.run_dir import run_dir
 from lwta_vision.concept_clip import is_concept_data
+from lwta_vision.datasets.probe import ProbeSet
+from lwta_vision.dissect.clip_dissect.labeling import label_records
+from lwta_vision.dissect.clip_dissect.scorers import GroundTruthScorer, Scorer
 from lwta_vision.dissect.concepts import load_concept_set
-from lwta_vision.dissect.engine import TIE_TOL, label_drift
-from lwta_vision.dissect.pipeline import label_records, probe_loader
-from lwta_vision.dissect.probe import ProbeSet
+from lwta_vision.dissect.labels import TIE_TOL, label_drift
+from lwta_vision.dissect.pipeline import probe_loader
 from lwta_vision.dissect.recording import LayerRecord, merge_records, record_activations, resolve_layers
 from lwta_vision.dissect.report import write_tables
-from lwta_vision.dissect.scorers import GroundTruthScorer, Scorer
+
 
 class NeuronDissection(Callback):
     """CLIP-Dissect-style labeling of chosen layers during training.
@@ -29,10 +31,10 @@ class NeuronDissection(Callback):
     the shards are gathered, so every rank labels the same full matrix and ends in the same state.
 
     Logs per layer ``dissect/<layer>/unique_labels``, ``.../mean_score``, ``.../active_fraction``,
-    ``.../ties`` (labels decided by the tie-break key, see :mod:`lwta_vision.dissect.engine`),
+    ``.../ties`` (labels decided by the tie-break key, see :mod:`lwta_vision.dissect.clip_dissect.labeling`),
     ``.../label_drift`` (fraction of units whose label changed since the last dissection),
     ``.../label_corr`` and ``.../label_auprc`` (label quality averaged over the labelled units: how
-    describable the layer is, see :mod:`lwta_vision.dissect.quality`), writes the label
+    describable the layer is, see :mod:`lwta_vision.dissect.evaluate.quality`), writes the label
     table as CSV under ``<run folder>/dissection/epoch_<n>/`` (the folder holding the run's ``checkpoints/``
     and ``config.yaml``, see :func:`~lwta_vision.callbacks.run_dir.run_dir`) and, with a wandb logger, the label table
     and every active unit's top images (highlighted where it fires) as wandb media in the run's folder.
@@ -47,7 +49,7 @@ class NeuronDissection(Callback):
             (:class:`~lwta_vision.concept_clip.scorer.ConceptCLIPScorer`), ground truth on other annotated
             data (Broden), else it must be given (e.g. a ``CLIPScorer``).
         concepts: concept set name or text file; default: the ground-truth scorer's concepts, else "20k".
-        similarity, similarity_kwargs: see ``lwta_vision.dissect.similarity``.
+        similarity, similarity_kwargs: see ``lwta_vision.dissect.clip_dissect.similarity``.
         pooling, token_pooling: per-neuron summary of conv maps / token outputs.
         batch_size: probe batch size.
         table_images: top images per unit in the wandb table.
@@ -56,7 +58,7 @@ class NeuronDissection(Callback):
             ``.../unique_concepts``, ``.../mean_iou``. Every rank computes it on the full probe set.
         iou_quantile, iou_threshold: NetDissect's top quantile (0.005) and detector threshold (0.04).
         tie_tol: soft-WPMI scores closer than this are ties, decided by the contrast key (see
-            :mod:`lwta_vision.dissect.engine`).
+            :mod:`lwta_vision.dissect.clip_dissect.labeling`).
     """
 
     def __init__(
@@ -121,7 +123,7 @@ class NeuronDissection(Callback):
             else:
                 raise ValueError(
                     "NeuronDissection: the probe data has no concept annotations; set scorer (e.g. "
-                    "class_path: lwta_vision.dissect.scorers.CLIPScorer) in the callback's init_args"
+                    "class_path: lwta_vision.dissect.clip_dissect.CLIPScorer) in the callback's init_args"
                 )
         if self.concepts_spec is None:
             concepts = list(getattr(self.scorer, "concept_names", None) or load_concept_set("20k"))
@@ -177,7 +179,7 @@ class NeuronDissection(Callback):
             entry[layer] = metrics
             rank_zero_info(f"dissection epoch {epoch} {layer}: " + console_line(res.summary, drift))
         for layer in self.iou_layers:
-            from lwta_vision.dissect.iou import iou_dissect
+            from lwta_vision.dissect.netdissect.iou import iou_dissect
 
             iou_labels, _ = iou_dissect(net, layer, self.probe, quantile=self.iou_quantile,
                                         iou_threshold=self.iou_threshold, batch_size=self.batch_size,

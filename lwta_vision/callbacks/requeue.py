@@ -15,7 +15,7 @@ class StepBoundaryRequeue(Callback):
 
     SLURM's warning signal arrives at any moment; Lightning's handler saves ``hpc_ckpt_<n>.ckpt`` right there,
     in the middle of a step, and the requeued job then resumes one batch off (measured: 11 steps instead of 12
-    in tests/test_slurm_requeue.py). Saving at the next step boundary gives a checkpoint like any step
+    in tests/callbacks/test_slurm_requeue.py). Saving at the next step boundary gives a checkpoint like any step
     checkpoint, from which the resume is bit-identical. Under DDP the ranks agree at every step boundary whether
     any of them got the signal (one small all-reduce, only in SLURM jobs with auto-requeue), so they all save at
     the same step. Outside such jobs it does nothing.

@@ -16,7 +16,7 @@ Use it as any open_clip model::
     tokenizer = open_clip.get_tokenizer(name)
 
 or as a scorer: :class:`ConceptCLIPScorer` (``dissect.py --scorer concept_clip``, the default on the
-generated data), which is :class:`~lwta_vision.dissect.scorers.CLIPScorer` with these weights.
+generated data), which is :class:`~lwta_vision.dissect.clip_dissect.CLIPScorer` with these weights.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Optional
 
 from lwta_vision.concept_clip import CONCEPT_WORDS, default_checkpoint, register
-from lwta_vision.dissect.scorers import CLIPScorer
+from lwta_vision.dissect.clip_dissect.clip import CLIPScorer
 
 
 class ConceptCLIPScorer(CLIPScorer):

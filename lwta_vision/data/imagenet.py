@@ -38,7 +38,7 @@ def imagenet_wnids() -> tuple[str, ...]:
 @lru_cache(maxsize=None)
 def imagenet_class_names() -> tuple[str, ...]:
     """Readable names of the 1000 classes, in label order ("tench", "goldfish", ...)."""
-    text = resources.files("lwta_vision.dissect").joinpath("concept_sets", "imagenet1k.txt").read_text("utf-8")
+    text = resources.files("lwta_vision").joinpath("dissect", "concept_sets", "imagenet1k.txt").read_text("utf-8")
     return tuple(line.strip() for line in text.splitlines() if line.strip())
 
 

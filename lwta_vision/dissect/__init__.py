@@ -1,13 +1,26 @@
-"""Neuron dissection, torch only: record activations, score concepts, label units, write reports."""
+"""Neuron dissection, torch only: record activations, score concepts, label units, write reports.
+
+Shared machinery lives here (``recording``, ``cache``, ``concepts``, ``labels``, ``report``, ``pipeline``);
+each method has its own subpackage: ``clip_dissect``, ``netdissect``, ``dnd``; ``evaluate`` measures labels.
+"""
+from lwta_vision.datasets.broden import BrodenDataset
+from lwta_vision.datasets.probe import ImageFolderImages, ProbeSet
+from lwta_vision.dissect.clip_dissect import (
+                                              SIMILARITIES,
+                                              CLIPScorer,
+                                              GroundTruthScorer,
+                                              Scorer,
+                                              WeightsUnavailableError,
+                                              get_similarity,
+                                              label_layer,
+                                              soft_wpmi,
+)
+from lwta_vision.dissect.clip_dissect.labeling import label_records
 from lwta_vision.dissect.concepts import BUILTIN_CONCEPT_SETS, load_concept_set
-from lwta_vision.dissect.broden import BrodenDataset
-from lwta_vision.dissect.engine import TIE_TOL, LayerLabels, label_drift, label_layer, rank_concepts
-from lwta_vision.dissect.iou import GeneratedMasks, iou_dissect, label_agreement, streaming_thresholds
-from lwta_vision.dissect.pipeline import label_records, record_probe, write_report
-from lwta_vision.dissect.probe import ImageFolderImages, ProbeSet
+from lwta_vision.dissect.labels import TIE_TOL, LayerLabels, label_drift, rank_concepts
+from lwta_vision.dissect.netdissect import GeneratedMasks, iou_dissect, label_agreement, streaming_thresholds
+from lwta_vision.dissect.pipeline import record_probe, write_report
 from lwta_vision.dissect.recording import LayerRecord, record_activations, resolve_layers, spatial_maps
-from lwta_vision.dissect.scorers import CLIPScorer, GroundTruthScorer, Scorer, WeightsUnavailableError
-from lwta_vision.dissect.similarity import SIMILARITIES, get_similarity, soft_wpmi
 
 __all__ = [
     "BUILTIN_CONCEPT_SETS", "BrodenDataset", "GeneratedMasks", "iou_dissect", "label_agreement",

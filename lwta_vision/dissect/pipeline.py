@@ -1,6 +1,7 @@
-"""The dissection pipeline as one call: record activations, score concepts, label units, write reports.
+"""The steps every method shares, one call each: record activations on a probe set, write the reports.
 
-Torch only: the Lightning callback and dissect.py both call these functions.
+Torch only: the Lightning callback and dissect.py both call these functions. Labeling is each method's own
+(CLIP-Dissect: :func:`lwta_vision.dissect.clip_dissect.label_records`).
 """
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import DataLoader
 
-from lwta_vision.dissect.engine import TIE_TOL, LayerLabels, label_layer
-from lwta_vision.dissect.probe import ProbeSet
+from lwta_vision.datasets.probe import ProbeSet
+from lwta_vision.dissect.labels import LayerLabels
 from lwta_vision.dissect.recording import LayerRecord, record_activations, resolve_layers, spatial_maps
 from lwta_vision.dissect.report import write_html, write_tables
 
@@ -41,18 +42,6 @@ def record_probe(
         raise ValueError(f"probe set {probe.name!r} has no images")
     loader = probe_loader(probe, batch_size, num_workers)
     return record_activations(model, layers, loader, pooling, token_pooling, top_k, device, progress)
-
-
-def label_records(
-    records: dict[str, LayerRecord],
-    image_concept: Tensor,
-    concepts: Sequence[str],
-    similarity: str = "soft_wpmi",
-    similarity_kwargs: Optional[dict] = None,
-    tie_tol: float = TIE_TOL,
-) -> dict[str, LayerLabels]:
-    return {name: label_layer(rec, image_concept, concepts, similarity, similarity_kwargs, tie_tol=tie_tol)
-            for name, rec in records.items()}
 
 
 def write_report(

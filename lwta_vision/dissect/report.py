@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from lwta_vision.dissect.engine import NEAR_TIE_FACTOR, LayerLabels
+from lwta_vision.dissect.labels import NEAR_TIE_FACTOR, LayerLabels
 
 CSV_FIELDS = ["layer", "unit", "label", "score", "label_2", "score_2", "label_3", "score_3", "win_rate",
               "input_rate", "active", "top_images", "margin", "decided_by", "tie_margin",
