@@ -96,7 +96,7 @@ class NeuronDissection(Callback):
         self.tie_tol = tie_tol
         self.previous_labels: dict[str, list[Optional[str]]] = {}
         self.history: list[dict[str, Any]] = []
-        self._image_concept: Optional[torch.Tensor] = None
+        self._image_concept = None  # a tensor, or the scorer's embeddings (EmbeddingProduct)
         self._concepts: Optional[list[str]] = None
 
     # -- setup -------------------------------------------------------------------------------------
@@ -130,7 +130,7 @@ class NeuronDissection(Callback):
         else:
             concepts = load_concept_set(self.concepts_spec)
         self._concepts = concepts
-        self._image_concept = self.scorer.similarity(self.probe, concepts).float().cpu()
+        self._image_concept = self.scorer.image_concept(self.probe, concepts).float().cpu()
 
     # -- the work ----------------------------------------------------------------------------------
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -155,7 +155,7 @@ class NeuronDissection(Callback):
         if world > 1:
             records = _gather_records(trainer, records, len(self.probe), top_k)
         results = label_records(records, self._image_concept, self._concepts, self.similarity,
-                                self.similarity_kwargs, self.tie_tol)
+                                self.similarity_kwargs, self.tie_tol, pl_module.device)
         epoch = trainer.current_epoch
         entry = {"epoch": epoch}
         for layer, res in results.items():

@@ -229,9 +229,24 @@ def load_torchvision_model(name: str, weights: Optional[str]):
     return net.eval(), transform, classes
 
 
-def build_scorer(scorer, probe, clip_model, clip_pretrained, clip_checkpoint, device, cache_dir, batch_size):
+CLIP_PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+def resolve_clip_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 on a GPU that has it (else fp16), fp32 on a CPU, where half precision is slower."""
+    if precision not in CLIP_PRECISIONS:
+        raise ValueError(f"--clip_precision {precision!r}: choose one of {', '.join(CLIP_PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def build_scorer(scorer, probe, clip_model, clip_pretrained, clip_checkpoint, device, cache_dir, batch_size,
+                 precision: str = "fp32", num_workers: int = 0):
     """``auto``: the concept CLIP on the generated data (CLIP-Dissect proper), ground truth on other annotated
-    data (Broden), else CLIP."""
+    data (Broden), else CLIP. ``precision`` and ``num_workers`` (image decoding) are the CLIP encoder's."""
     has_gt = hasattr(probe.dataset, "presence_matrix")  # GroundTruthScorer.from_dataset needs exactly this
     if scorer == "auto":
         from lwta_vision.concept_clip import MODEL_NAME
@@ -245,7 +260,7 @@ def build_scorer(scorer, probe, clip_model, clip_pretrained, clip_checkpoint, de
         from lwta_vision.concept_clip.scorer import ConceptCLIPScorer
 
         return ConceptCLIPScorer(checkpoint=clip_checkpoint, device=str(device), cache_dir=cache_dir,
-                                 batch_size=max(batch_size, 256))
+                                 batch_size=max(batch_size, 256), precision=precision, num_workers=num_workers)
     if scorer == "ground_truth":
         if not has_gt:
             raise ValueError("scorer 'ground_truth' needs a probe set with concept annotations (the generated "
@@ -254,7 +269,8 @@ def build_scorer(scorer, probe, clip_model, clip_pretrained, clip_checkpoint, de
     if scorer == "clip":
         try:
             return CLIPScorer(model_name=clip_model, pretrained=clip_pretrained, checkpoint=clip_checkpoint,
-                              device=str(device), cache_dir=cache_dir, batch_size=batch_size, progress=True)
+                              device=str(device), cache_dir=cache_dir, batch_size=batch_size, progress=True,
+                              precision=precision, num_workers=num_workers)
         except WeightsUnavailableError as err:
             raise WeightsUnavailableError(
                 f"{err} With dissect.py: download the weights file once on a machine with network access and pass "

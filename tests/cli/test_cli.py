@@ -164,3 +164,14 @@ def test_readme_wandb_command_twice_gives_two_standalone_runs(tmp_path, monkeypa
     dissect_main(["evaluate", "--checkpoint", str(ckpt), "--device", "cpu", "--sentence_model", "null",
                   "--data", "lwta_vision.data.ConceptDataModule", "--max_images", "64"])
     assert "image_size: trained with 32, given 64" in capsys.readouterr().err
+
+
+def test_clip_precision_auto_is_full_precision_on_a_cpu_and_names_the_choices():
+    import torch
+
+    from lwta_vision.dissect_cli.loading import resolve_clip_precision
+
+    assert resolve_clip_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_clip_precision("bf16", torch.device("cpu")) == "bf16"
+    with pytest.raises(ValueError, match="auto, fp32, fp16, bf16"):
+        resolve_clip_precision("half", torch.device("cpu"))

@@ -2,6 +2,7 @@
 image-text similarity over a concept vocabulary (soft-WPMI and the other similarities)."""
 from lwta_vision.dissect.clip_dissect.clip import CLIPScorer
 from lwta_vision.dissect.clip_dissect.encoding import CLIPEncoder
+from lwta_vision.dissect.clip_dissect.image_concept import EmbeddingProduct
 from lwta_vision.dissect.clip_dissect.labeling import label_layer, label_records
 from lwta_vision.dissect.clip_dissect.scorers import (
                                                       GroundTruthScorer,
@@ -22,7 +23,7 @@ from lwta_vision.dissect.clip_dissect.similarity import (
 )
 from lwta_vision.dissect.clip_dissect.weights import LoadedCLIP, load_clip
 
-__all__ = ["CLIPEncoder", "CLIPScorer", "cos_similarity", "cos_similarity_cubed", "get_similarity",
+__all__ = ["CLIPEncoder", "CLIPScorer", "EmbeddingProduct", "cos_similarity", "cos_similarity_cubed", "get_similarity",
            "GroundTruthScorer", "label_layer", "label_records", "load_clip", "LoadedCLIP", "rank_reorder",
            "resolve_device", "Scorer", "SIMILARITIES", "soft_wpmi", "soft_wpmi_reference", "UnknownConceptError",
            "WeightsUnavailableError", "wpmi"]

@@ -13,6 +13,7 @@ from torch import Tensor
 from lwta_vision.datasets.probe import ProbeSet
 from lwta_vision.dissect.cache import TensorCache
 from lwta_vision.dissect.clip_dissect.encoding import PRECISIONS, CLIPEncoder
+from lwta_vision.dissect.clip_dissect.image_concept import EmbeddingProduct
 from lwta_vision.dissect.clip_dissect.scorers import Scorer, resolve_device
 from lwta_vision.dissect.clip_dissect.weights import load_clip
 
@@ -159,6 +160,11 @@ class CLIPScorer(Scorer):
     def embed(self, texts: Sequence[str]) -> Tensor:
         """Alias of :meth:`text_embeddings`, so a scorer can serve as the text embedder in evaluation."""
         return self.text_embeddings(texts)
+
+    def image_concept(self, probe: ProbeSet, concepts: Sequence[str]) -> EmbeddingProduct:
+        """P as the product of the cached embeddings, never multiplied out: labeling computes the rows and
+        columns it needs (N x d and M x d instead of N x M: 1/40 of the memory at 20k words and d=512)."""
+        return EmbeddingProduct(self.image_embeddings(probe), self.text_embeddings(concepts))
 
     def similarity(self, probe: ProbeSet, concepts: Sequence[str]) -> Tensor:
         """P [N, M]: cosine similarity of each probe image with each concept word."""

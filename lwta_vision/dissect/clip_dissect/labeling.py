@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from lwta_vision.dissect.clip_dissect.image_concept import ImageConcept
 from lwta_vision.dissect.clip_dissect.similarity import get_similarity
 from lwta_vision.dissect.evaluate.quality import label_quality
 from lwta_vision.dissect.labels import (
@@ -54,13 +55,14 @@ def _uses_log_likelihood(fn) -> bool:
 
 def label_layer(
     record: LayerRecord,
-    image_concept: Tensor,
+    image_concept: ImageConcept,
     concepts: Sequence[str],
     similarity: str = "soft_wpmi",
     similarity_kwargs: Optional[dict] = None,
     report_top_images: int = 10,
     tie_tol: float = TIE_TOL,
     prior_units: str = "active",
+    device: Optional[torch.device] = None,
 ) -> LayerLabels:
     """Score every active unit of a layer against every concept and keep the best three labels.
 
@@ -74,6 +76,9 @@ def label_layer(
     ``prior_units``: the units over which the WPMI family's prior log p(t) (and the tie key's mean) is
     taken: ``"active"`` (default) or ``"all"`` (CLIP-Dissect's code, which includes units that never fire;
     their "top images" are an arbitrary tie among zeros). Measured on planted units (RESULTS.md §4).
+
+    ``device``: where the similarity is computed (a GPU: soft-WPMI's K x top_k x M terms are the work), default
+    where ``image_concept`` is; the results are on the CPU either way.
     """
     if prior_units not in PRIOR_UNITS:
         raise ValueError(f"prior_units must be one of {', '.join(PRIOR_UNITS)}, got {prior_units!r}")
@@ -90,11 +95,13 @@ def label_layer(
     tie_key = torch.full_like(scores, float("nan")) if with_key else None
     if active.any():
         over = active if prior_units == "active" else torch.ones_like(active)
+        dev = image_concept.device if device is None else torch.device(device)
+        a, p = acts[:, over].to(dev), image_concept.to(device=dev, dtype=torch.float32)
         if with_key:
-            s, log_p = fn(acts[:, over], image_concept.float(), return_log_likelihood=True, **kwargs)
+            s, log_p = fn(a, p, return_log_likelihood=True, **kwargs)
             tie_key[active] = tie_contrast(log_p).double().cpu()[active[over]]
         else:
-            s = fn(acts[:, over], image_concept.float(), **kwargs)
+            s = fn(a, p, **kwargs)
         scores[active] = s.double().cpu()[active[over]]
     if not (math.isfinite(tie_tol) and tie_tol >= 0):
         raise ValueError(f"tie_tol must be a finite number >= 0, got {tie_tol}")
@@ -160,12 +167,14 @@ def label_layer(
 
 def label_records(
     records: dict[str, LayerRecord],
-    image_concept: Tensor,
+    image_concept: ImageConcept,
     concepts: Sequence[str],
     similarity: str = "soft_wpmi",
     similarity_kwargs: Optional[dict] = None,
     tie_tol: float = TIE_TOL,
+    device: Optional[torch.device] = None,
 ) -> dict[str, LayerLabels]:
     """:func:`label_layer` for each recorded layer, against one image-concept matrix."""
-    return {name: label_layer(rec, image_concept, concepts, similarity, similarity_kwargs, tie_tol=tie_tol)
+    return {name: label_layer(rec, image_concept, concepts, similarity, similarity_kwargs, tie_tol=tie_tol,
+                              device=device)
             for name, rec in records.items()}

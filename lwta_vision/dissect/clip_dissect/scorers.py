@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from lwta_vision.datasets.probe import ProbeSet, _FirstN
+from lwta_vision.dissect.clip_dissect.image_concept import ImageConcept
 from lwta_vision.dissect.errors import WeightsUnavailableError  # noqa: F401  (part of the scorer API)
 
 __all__ = ["Scorer", "GroundTruthScorer", "UnknownConceptError", "WeightsUnavailableError", "resolve_device"]
@@ -24,6 +25,11 @@ class Scorer(ABC):
     @abstractmethod
     def similarity(self, probe: ProbeSet, concepts: Sequence[str]) -> Tensor:
         """P as a float32 CPU tensor of shape [len(probe), len(concepts)]."""
+
+    def image_concept(self, probe: ProbeSet, concepts: Sequence[str]) -> ImageConcept:
+        """P for labeling: dense here; scorers with embeddings return them unmultiplied
+        (:class:`~lwta_vision.dissect.clip_dissect.image_concept.EmbeddingProduct`), so P is never built."""
+        return self.similarity(probe, concepts)
 
 
 class UnknownConceptError(KeyError, ValueError):

@@ -6,10 +6,14 @@ out, on the inputs' device. Higher scores mean a better description; a neuron's 
 its row. No I/O, no progress bars, no device choice: the caller moves tensors where it wants the work
 done.
 
+P is a dense tensor, or an :class:`~lwta_vision.dissect.clip_dissect.image_concept.EmbeddingProduct` of
+the image and text embeddings, which is never built: each function asks for the rows or columns it needs.
+
 ``soft_wpmi`` (the CLIP-Dissect default) only ever needs p(t|x) for images that are in some neuron's
-top-k, so it computes those softmax rows in chunks of images and accumulates the per-neuron sums with
-bounded memory: peak extra memory is O(chunk_size * M + K * M) instead of the O(N * M + K * top_k * M)
-of the direct formula (kept as ``soft_wpmi_reference`` for tests and benchmarks).
+top-k, so it computes those softmax rows a few at a time and accumulates the per-neuron sums with bounded
+memory: peak extra memory is O(chunk_size * M + K * M) instead of the O(N * M + K * top_k * M) of the
+direct formula (kept as ``soft_wpmi_reference`` for tests and benchmarks). The blocks are small enough to
+stay in the CPU's cache, which is where its speed comes from (``benchmarks/soft_wpmi_scale.py``).
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ import math
 from typing import Callable, Optional, Union
 
 import torch
+
+from lwta_vision.dissect.clip_dissect.image_concept import EmbeddingProduct, ImageConcept, as_dense, columns_of, rows_of
 
 __all__ = [
     "SIMILARITIES",
@@ -47,17 +53,18 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
     )
 
 
-def _validate(activations: torch.Tensor, image_concept_sim: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _validate(activations: torch.Tensor, image_concept_sim: ImageConcept) -> tuple[torch.Tensor, ImageConcept]:
     """Check shapes, dtypes, devices and finiteness; return (activations as float, image_concept_sim)."""
+    lazy = isinstance(image_concept_sim, EmbeddingProduct)
     for name, t in (("activations", activations), ("image_concept_sim", image_concept_sim)):
-        if not isinstance(t, torch.Tensor):
+        if not isinstance(t, torch.Tensor) and not (lazy and name == "image_concept_sim"):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if activations.ndim != 2:
         raise ValueError(
             f"activations must be 2-D [N images, K neurons], got shape {tuple(activations.shape)}; "
             "summarise conv/token outputs per neuron first"
         )
-    if image_concept_sim.ndim != 2:
+    if len(image_concept_sim.shape) != 2:
         raise ValueError(
             f"image_concept_sim must be 2-D [N images, M concepts], got shape {tuple(image_concept_sim.shape)}"
         )
@@ -77,12 +84,16 @@ def _validate(activations: torch.Tensor, image_concept_sim: torch.Tensor) -> tup
             f"activations is on {activations.device} but image_concept_sim is on {image_concept_sim.device}; "
             "move both to the same device"
         )
-    if not image_concept_sim.is_floating_point():
+    if not image_concept_sim.dtype.is_floating_point:
         raise TypeError(f"image_concept_sim must be a floating-point tensor, got {image_concept_sim.dtype}")
     if not activations.is_floating_point():
         activations = activations.float()
     _check_finite("activations", activations)
-    _check_finite("image_concept_sim", image_concept_sim)
+    if lazy:  # finite embeddings give finite products: no N x M check
+        _check_finite("image embeddings", image_concept_sim.image)
+        _check_finite("text embeddings", image_concept_sim.text)
+    else:
+        _check_finite("image_concept_sim", image_concept_sim)
     return activations, image_concept_sim
 
 
@@ -122,50 +133,60 @@ def _softmax_rows_(x: torch.Tensor, a: float) -> torch.Tensor:
     return x
 
 
+_ROW_ELEMENTS = 1 << 21  # entries of the softmax rows computed at once (16 MiB in float64)
+_BLOCK_ELEMENTS = 1 << 19  # entries of one block of terms (4 MiB in float64): small enough to stay in cache
+
+
 def _chunked_log_likelihood(
-    image_concept_sim: torch.Tensor,
+    image_concept_sim: ImageConcept,
     top_idx: torch.Tensor,
     weights: Optional[torch.Tensor],
     a: float,
     min_prob: float,
-    chunk_size: int,
+    chunk_size: Optional[int],
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """log p(t|k) [K, M] from the softmax rows of the union of top-k images, chunk by chunk.
+    """log p(t|k) [K, M] from the softmax rows of the union of top-k images, a few rows at a time.
 
-    Each (rank r, neuron n) pair contributes log(1 + w_r (p(t|x) - 1) + min_prob) (or, when ``weights`` is
-    None, log(p(t|x) + min_prob)) to row n. Pairs are sorted by image so every softmax row is computed
-    exactly once; at most ``chunk_size`` softmax rows and ``chunk_size`` gathered pair rows are alive at a
-    time.
+    Each (rank r, neuron n) pair contributes log(c_r + w_r p(t|x)) with c_r = 1 - w_r + min_prob, i.e.
+    log(1 + w_r (p(t|x) - 1) + min_prob) without the cancellation of 1 - w_r (p - 1) (or, when ``weights``
+    is None, log(p(t|x) + min_prob)), to row n. Pairs are sorted by image so every softmax row is computed
+    once. Rows are computed ``chunk_size`` at a time (default: as many as fit in ``_BLOCK_ELEMENTS``
+    entries) and pairs handled in blocks of that size, so each block's four passes (gather, multiply-add,
+    log, scatter-add) run in cache rather than through memory.
     """
     k, num_neurons = top_idx.shape
-    device = image_concept_sim.device
+    num_concepts = image_concept_sim.shape[1]
+    device = top_idx.device
+    block = max(1, _BLOCK_ELEMENTS // num_concepts)
+    rows_at_once = max(1, _ROW_ELEMENTS // num_concepts) if chunk_size is None else chunk_size
     flat_image = top_idx.reshape(-1)  # position r * K + n
     flat_neuron = torch.arange(num_neurons, device=device).repeat(k)
     union, position = torch.unique(flat_image, sorted=True, return_inverse=True)
     order = torch.argsort(position, stable=True)
     position, flat_neuron = position[order], flat_neuron[order]
-    flat_weight = None
+    flat_weight = flat_floor = None
     if weights is not None:
-        flat_weight = weights.repeat_interleave(num_neurons)[order].unsqueeze(1)
+        w = weights.repeat_interleave(num_neurons)[order]
+        flat_weight, flat_floor = w.unsqueeze(1), (1.0 - w + min_prob).unsqueeze(1)
 
-    out = torch.zeros(num_neurons, image_concept_sim.shape[1], dtype=dtype, device=device)
+    out = torch.zeros(num_neurons, num_concepts, dtype=dtype, device=device)
     num_union = union.numel()
-    starts = list(range(0, num_union, chunk_size))
+    starts = list(range(0, num_union, rows_at_once))
     edges = torch.searchsorted(
         position, torch.tensor(starts + [num_union], device=device, dtype=position.dtype)
     ).tolist()
     for i, start in enumerate(starts):
-        rows = union[start : start + chunk_size]
-        probs = _softmax_rows_(image_concept_sim.index_select(0, rows).to(dtype), a)
+        rows = union[start : start + rows_at_once]
+        probs = _softmax_rows_(rows_of(image_concept_sim, rows).to(dtype), a)
         lo, hi = edges[i], edges[i + 1]
-        for b in range(lo, hi, chunk_size):
-            e = min(hi, b + chunk_size)
+        for b in range(lo, hi, block):
+            e = min(hi, b + block)
             terms = probs.index_select(0, position[b:e] - start)
             if flat_weight is None:
                 terms.add_(min_prob)
             else:
-                terms.sub_(1.0).mul_(flat_weight[b:e]).add_(1.0 + min_prob)
+                torch.addcmul(flat_floor[b:e], terms, flat_weight[b:e], out=terms)
             terms.log_()
             out.index_add_(0, flat_neuron[b:e], terms)
             del terms
@@ -186,7 +207,7 @@ def soft_wpmi(
     p_start: float = 0.998,
     p_end: float = 0.97,
     min_prob: float = 1e-7,
-    chunk_size: int = 4096,
+    chunk_size: Optional[int] = None,
     dtype: torch.dtype = torch.float64,
     return_log_likelihood: bool = False,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
@@ -206,14 +227,16 @@ def soft_wpmi(
 
     Args:
         activations: [N images, K neurons] per-neuron activation summaries.
-        image_concept_sim: [N images, M concepts] image-text cosine similarities P.
+        image_concept_sim: [N images, M concepts] image-text cosine similarities P: a tensor, or an
+            :class:`EmbeddingProduct`, of which only the rows of top-k images are computed.
         top_k: images per neuron treated as (softly) showing the neuron's concept.
         a: softmax temperature factor applied to P.
         lam: weight of the concept prior log p(t); 1 = PMI, 0 = plain likelihood.
         p_start: membership weight of the most-activating image.
         p_end: weight the linear ramp reaches at rank top_k (the last image gets slightly more).
         min_prob: floor inside the log, keeps scores finite.
-        chunk_size: softmax rows (and image-neuron pairs) held at once; memory ~ 2 * chunk_size * M.
+        chunk_size: softmax rows held at once (memory ~ chunk_size * M); default: what fits in a block of
+            2**18 entries, the fastest on the CPUs measured.
         dtype: computation dtype; float64 by default because scores are sums of ~top_k logs (|score|
             in the hundreds) whose differences between concepts can be small.
         return_log_likelihood: also return log p(t|k) [K, M], from which the labeling derives the key
@@ -224,7 +247,8 @@ def soft_wpmi(
         ``return_log_likelihood``, the pair ``(scores, log p(t|k))``.
     """
     activations, image_concept_sim = _validate(activations, image_concept_sim)
-    _check_positive_int("chunk_size", chunk_size)
+    if chunk_size is not None:
+        _check_positive_int("chunk_size", chunk_size)
     if min_prob < 0:
         raise ValueError(f"min_prob must be >= 0, got {min_prob}")
     top_idx = _top_indices(activations, top_k)
@@ -254,7 +278,7 @@ def soft_wpmi_reference(
     activations, image_concept_sim = _validate(activations, image_concept_sim)
     if min_prob < 0:
         raise ValueError(f"min_prob must be >= 0, got {min_prob}")
-    probs = torch.softmax(a * image_concept_sim.to(dtype), dim=1)  # [N, M]
+    probs = torch.softmax(a * as_dense(image_concept_sim).to(dtype), dim=1)  # [N, M]
     top_idx = _top_indices(activations, top_k)  # [k, K]
     weights = _rank_weights(top_idx.shape[0], p_start, p_end, dtype, activations.device)
     gathered = probs[top_idx.T]  # [K, k, M]
@@ -270,7 +294,7 @@ def wpmi(
     a: float = 2.0,
     lam: float = 0.6,
     min_prob: float = 1e-7,
-    chunk_size: int = 4096,
+    chunk_size: Optional[int] = None,
     dtype: torch.dtype = torch.float64,
     return_log_likelihood: bool = False,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
@@ -287,7 +311,8 @@ def wpmi(
     clipped to N.
     """
     activations, image_concept_sim = _validate(activations, image_concept_sim)
-    _check_positive_int("chunk_size", chunk_size)
+    if chunk_size is not None:
+        _check_positive_int("chunk_size", chunk_size)
     if min_prob < 0:
         raise ValueError(f"min_prob must be >= 0, got {min_prob}")
     top_idx = _top_indices(activations, top_k)
@@ -299,13 +324,21 @@ def wpmi(
 # --------------------------------------------------------------------------------------------------
 # cosine family
 # --------------------------------------------------------------------------------------------------
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+def _compute_dtype(*tensors) -> torch.dtype:
     dtype = torch.promote_types(tensors[0].dtype, tensors[1].dtype)
     return torch.promote_types(dtype, torch.float32)
 
 
 def _normalise_columns(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x / torch.linalg.vector_norm(x, dim=0, keepdim=True).clamp_min(eps)
+
+
+def _column_block(p: ImageConcept, start: int, size: int) -> torch.Tensor:
+    """P[:, start:start + size], computed for a lazy P."""
+    stop = min(start + size, p.shape[1])
+    if isinstance(p, EmbeddingProduct):
+        return columns_of(p, torch.arange(start, stop, device=p.device))
+    return p[:, start:stop]
 
 
 def _centre_cube(x: torch.Tensor) -> torch.Tensor:
@@ -330,7 +363,7 @@ def cos_similarity(
     neurons = _normalise_columns(activations.to(dtype), eps).T  # [K, N]
     out = torch.empty(activations.shape[1], image_concept_sim.shape[1], dtype=dtype, device=activations.device)
     for start in range(0, image_concept_sim.shape[1], chunk_size):
-        block = image_concept_sim[:, start : start + chunk_size].to(dtype)
+        block = _column_block(image_concept_sim, start, chunk_size).to(dtype)
         out[:, start : start + block.shape[1]] = neurons @ _normalise_columns(block, eps)
     return out
 
@@ -354,7 +387,7 @@ def cos_similarity_cubed(
     neurons = _normalise_columns(_centre_cube(activations.to(dtype)), eps).T
     out = torch.empty(activations.shape[1], image_concept_sim.shape[1], dtype=dtype, device=activations.device)
     for start in range(0, image_concept_sim.shape[1], chunk_size):
-        block = _centre_cube(image_concept_sim[:, start : start + chunk_size].to(dtype))
+        block = _centre_cube(_column_block(image_concept_sim, start, chunk_size).to(dtype))
         out[:, start : start + block.shape[1]] = neurons @ _normalise_columns(block, eps)
     return out
 
@@ -417,8 +450,9 @@ def rank_reorder(
         target = top_vals[:, neuron]
         random_order_err = (target[:, None] - target[None, :]).abs().pow(p).mean().clamp_min(eps)
         images = top_idx[:, neuron]
+        rows = rows_of(image_concept_sim, images)  # [n, M]
         for start in range(0, num_concepts, chunk_size):
-            sims = image_concept_sim[:, start : start + chunk_size].index_select(0, images).to(dtype)  # [n, c]
+            sims = rows[:, start : start + chunk_size].to(dtype)  # [n, c]
             order = torch.argsort(sims, dim=0, descending=True, stable=True)
             rank = torch.argsort(order, dim=0)  # rank[i, t]: position of image i in concept t's order
             predicted = target[rank]

@@ -71,7 +71,8 @@ def label_quality(activations: Tensor, signal: Tensor, label: Tensor, presence: 
 
     Args:
         activations: [N images, K units] pooled activations.
-        signal: [N images, M concepts] the concepts' per-image signal (the scorer's image-concept matrix).
+        signal: [N images, M concepts] the concepts' per-image signal (the scorer's image-concept matrix, a
+            tensor or a lazy ``EmbeddingProduct``: only the labels' columns are read).
         label: [K] long, the concept index of each unit's label; -1 for units without a label.
         presence: optional [N, M] binary presence; default :func:`presence_of` of the labels' columns.
 
@@ -79,7 +80,7 @@ def label_quality(activations: Tensor, signal: Tensor, label: Tensor, presence: 
         ``label_corr``, ``label_auprc``, ``label_base_rate``: float64 [K], NaN where undefined (no label, a
         constant activation or signal, no presence, or a concept absent from every image).
     """
-    if activations.ndim != 2 or signal.ndim != 2 or activations.shape[0] != signal.shape[0]:
+    if activations.ndim != 2 or len(signal.shape) != 2 or activations.shape[0] != signal.shape[0]:
         raise ValueError(f"activations {tuple(activations.shape)} and signal {tuple(signal.shape)} must be "
                          "[N, K] and [N, M] over the same images")
     if label.shape != (activations.shape[1],):
@@ -91,7 +92,7 @@ def label_quality(activations: Tensor, signal: Tensor, label: Tensor, presence: 
         return out
     acts = activations[:, has].double().cpu()
     cols = label[has].cpu()
-    target = signal.double().cpu()[:, cols]
+    target = _columns(signal, cols).double().cpu()
     with warnings.catch_warnings():  # a constant column: torchmetrics warns and returns NaN, which we keep
         warnings.simplefilter("ignore")
         corr = pearson_corrcoef(acts, target) if acts.shape[1] > 1 else pearson_corrcoef(acts[:, 0], target[:, 0])[None]
@@ -112,7 +113,14 @@ def label_quality(activations: Tensor, signal: Tensor, label: Tensor, presence: 
 def _columns_presence(signal: Tensor, cols: Tensor) -> Tensor:
     """:func:`presence_of` for the given columns only (each distinct column once), as long [N, len(cols)]."""
     uniq, inverse = torch.unique(cols, return_inverse=True)
-    return presence_of(signal.index_select(1, uniq.to(signal.device)))[:, inverse].long()
+    return presence_of(_columns(signal, uniq))[:, inverse].long()
+
+
+def _columns(signal, cols: Tensor) -> Tensor:
+    """signal[:, cols] for a tensor or for anything with ``columns`` (a lazy image-concept matrix)."""
+    if isinstance(signal, Tensor):
+        return signal.index_select(1, cols.to(signal.device))
+    return signal.columns(cols)
 
 
 def _constant(x: Tensor) -> Tensor:

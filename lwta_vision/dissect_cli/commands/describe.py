@@ -16,6 +16,7 @@ from lwta_vision.dissect_cli.loading import (
     image_folder_images,
     load_inputs,
     require_layers,
+    resolve_clip_precision,
     torch_device,
     weights_record,
 )
@@ -35,6 +36,8 @@ def describe(
     clip_model: str = "ViT-B-16",
     clip_pretrained: Optional[str] = "openai",
     clip_checkpoint: Optional[str] = None,
+    clip_precision: str = "auto",
+    num_workers: int = 0,
     cache_dir: Optional[str] = None,
     similarity: str = "soft_wpmi",
     similarity_kwargs: Optional[dict] = None,
@@ -73,6 +76,8 @@ def describe(
             with clip_checkpoint works offline); with concept_clip, clip_checkpoint replaces the shipped
             weights.
         cache_dir: where CLIP embeddings are cached (default $LWTA_VISION_CACHE or ~/.cache/lwta_vision).
+        clip_precision: the CLIP encoder's: auto (bf16 or fp16 on a GPU, fp32 on a CPU), fp32, fp16, bf16.
+        num_workers: DataLoader workers decoding the probe images (for the network and for CLIP).
         similarity: soft_wpmi (default), wpmi, cos_similarity, cos_similarity_cubed, rank_reorder.
         pooling: conv maps per image: mean or max. token_pooling: ViT tokens: cls or mean.
         output_dir: everything is written here.
@@ -81,18 +86,21 @@ def describe(
             ``decided_by`` and ``tie_margin``.
     """
     dev = torch_device(device)
+    precision = resolve_clip_precision(clip_precision, dev)  # checked before anything is loaded
     require_layers(layers)
     check_options(scorer, similarity, output_dir, tie_tol=tie_tol)
     net, probe, class_names = load_inputs(checkpoint, torchvision_model, torchvision_weights, data, split, max_images,
                                     *image_folder_images(image_folder))
     net = net.to(dev)
     check_layers(net, layers)
-    sc = build_scorer(scorer, probe, clip_model, clip_pretrained, clip_checkpoint, dev, cache_dir, batch_size)
+    sc = build_scorer(scorer, probe, clip_model, clip_pretrained, clip_checkpoint, dev, cache_dir, batch_size,
+                      precision, num_workers)
     concept_list = concepts_for(concepts, sc)
     top_k = max(int((similarity_kwargs or {}).get("top_k", 100)), images_per_unit)
-    records = record_probe(net, layers, probe, top_k, pooling, token_pooling, batch_size, 0, dev, progress=True)
-    image_concept = sc.similarity(probe, concept_list)
-    results = label_records(records, image_concept, concept_list, similarity, similarity_kwargs, tie_tol)
+    records = record_probe(net, layers, probe, top_k, pooling, token_pooling, batch_size, num_workers, dev,
+                           progress=True)
+    image_concept = sc.image_concept(probe, concept_list)
+    results = label_records(records, image_concept, concept_list, similarity, similarity_kwargs, tie_tol, dev)
     meta = {"checkpoint": checkpoint, "torchvision_model": torchvision_model,
             "weights": weights_record(checkpoint, torchvision_model, torchvision_weights), "probe": probe.name,
             "num_images": len(probe), "concepts": concepts or "scorer default", "num_concepts": len(concept_list),

@@ -13,6 +13,7 @@ from lwta_vision.dissect_cli.loading import (
     image_folder_images,
     load_inputs,
     require_layers,
+    resolve_clip_precision,
     torch_device,
     weights_record,
 )
@@ -38,6 +39,8 @@ def dnd(
     clip_model: str = "ViT-B-16",
     clip_pretrained: Optional[str] = "openai",
     clip_checkpoint: Optional[str] = None,
+    clip_precision: str = "auto",
+    num_workers: int = 0,
     cache_dir: Optional[str] = None,
     rounds: int = 5,
     beta: int = 5,
@@ -77,11 +80,14 @@ def dnd(
         rounds: summaries per unit (captions shuffled each time). beta: images per candidate in the rank score.
         top_images: probe images per unit before cropping; concept_images: images per candidate.
         seed: seeds captioning, summarising, generation and retrieval tie-breaks.
+        clip_precision: the CLIP encoder's: auto (bf16 or fp16 on a GPU, fp32 on a CPU), fp32, fp16, bf16.
+        num_workers: DataLoader workers decoding the probe images (for the network and for CLIP).
     """
     from lwta_vision.dissect.dnd import generative as G
     from lwta_vision.dissect.dnd import selection as D
 
     dev = torch_device(device)
+    precision = resolve_clip_precision(clip_precision, dev)  # checked before anything is loaded
     require_layers(layers)
     check_options(scorer, None, output_dir)
     kind, _, target = summarizer.partition(":")
@@ -104,7 +110,8 @@ def dnd(
         candidates_fn = G.caption_concepts(getattr(probe.dataset, "concept_names", None))
     elif summ is None:
         summ = G.HFSummarizer(target, device=str(dev))
-    sc = build_scorer(scorer, probe, clip_model, clip_pretrained, clip_checkpoint, dev, cache_dir, batch_size)
+    sc = build_scorer(scorer, probe, clip_model, clip_pretrained, clip_checkpoint, dev, cache_dir, batch_size,
+                      precision, num_workers)
     if generator == "ground_truth":
         if not hasattr(probe.dataset, "concept_categories"):
             raise ValueError("--generator ground_truth needs the generated concept data; pass a diffusers model")
@@ -114,8 +121,8 @@ def dnd(
     else:
         images = D.ProbeRetriever(sc, probe)
     embedder = G.clip_image_embedder(sc) if isinstance(sc, CLIPScorer) else None
-    records = record_probe(net, layers, probe, max(top_images, 1), pooling, token_pooling, batch_size, 0, dev,
-                           progress=True)
+    records = record_probe(net, layers, probe, max(top_images, 1), pooling, token_pooling, batch_size, num_workers,
+                           dev, progress=True)
     results = {}
     for layer in layers:
         results[layer] = D.describe_layer(

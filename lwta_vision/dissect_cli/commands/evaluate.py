@@ -17,6 +17,7 @@ from lwta_vision.dissect_cli.loading import (
     image_folder_images,
     last_linear,
     load_inputs,
+    resolve_clip_precision,
     torch_device,
     weights_record,
 )
@@ -36,6 +37,8 @@ def evaluate(
     clip_model: str = "ViT-B-16",
     clip_pretrained: Optional[str] = "openai",
     clip_checkpoint: Optional[str] = None,
+    clip_precision: str = "auto",
+    num_workers: int = 0,
     cache_dir: Optional[str] = None,
     similarity: str = "soft_wpmi",
     similarity_kwargs: Optional[dict] = None,
@@ -58,22 +61,27 @@ def evaluate(
     Args:
         torchvision_weights: DEFAULT, IMAGENET1K_V1, ... (the model's weights enum), or ``random`` for a
             deliberate untrained baseline (announced on stderr, recorded as ``weights``); null is refused.
+        clip_precision: the CLIP encoder's: auto (bf16 or fp16 on a GPU, fp32 on a CPU), fp32, fp16, bf16.
+        num_workers: DataLoader workers decoding the probe images (for the network and for CLIP).
     """
     from lwta_vision.dissect.evaluate.final_layer import SentenceEmbedder, evaluate_labels
 
     dev = torch_device(device)
+    precision = resolve_clip_precision(clip_precision, dev)  # checked before anything is loaded
     check_options(scorer, similarity, output_file=output, tie_tol=tie_tol)
     net, probe, class_names = load_inputs(checkpoint, torchvision_model, torchvision_weights, data, split, max_images,
                                     *image_folder_images(image_folder))
     net = net.to(dev)
     layer = layer or last_linear(net)
     check_layers(net, [layer])
-    sc = build_scorer(scorer, probe, clip_model, clip_pretrained, clip_checkpoint, dev, cache_dir, batch_size)
+    sc = build_scorer(scorer, probe, clip_model, clip_pretrained, clip_checkpoint, dev, cache_dir, batch_size,
+                      precision, num_workers)
     concept_list = concepts_for(concepts, sc)
     top_k = int((similarity_kwargs or {}).get("top_k", 100))
-    records = record_probe(net, [layer], probe, top_k, batch_size=batch_size, device=dev, progress=True)
-    res = label_records(records, sc.similarity(probe, concept_list), concept_list, similarity, similarity_kwargs,
-                        tie_tol)[layer]
+    records = record_probe(net, [layer], probe, top_k, batch_size=batch_size, num_workers=num_workers, device=dev,
+                           progress=True)
+    res = label_records(records, sc.image_concept(probe, concept_list), concept_list, similarity, similarity_kwargs,
+                        tie_tol, dev)[layer]
     if len(res.rows) != len(class_names):
         raise ValueError(f"layer {layer!r} has {len(res.rows)} units but the model has {len(class_names)} classes; "
                          f"evaluate needs the final (class) layer")
