@@ -2,10 +2,12 @@
 
 Nothing is stored on the modules: outside the block the forward pass is untouched, so training pays
 nothing on steps that don't log. Inside, per layer: the fraction of non-zero outputs (ideally 1/U), the
-per-unit win rate, and optionally the KL(q || uniform) regulariser (kept in the autograd graph).
+per-unit win rate (and from it the win-rate entropy of each block), and optionally the KL(q || uniform)
+regulariser (kept in the autograd graph).
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
@@ -36,8 +38,31 @@ class LWTAStats:
         """Per layer, per unit: the fraction of positions (image x location / token) where the unit won."""
         return {k: self.wins[k] / max(self.samples[k], 1) for k in self.wins}
 
+    def win_entropy(self, competitors: dict[str, int]) -> dict[str, float]:
+        """Per layer, the normalised entropy of its blocks' win rates (see ``win_entropy``)."""
+        return {k: win_entropy(v, competitors[k]) for k, v in self.win_rates.items()}
+
     def kl_total(self) -> Optional[Tensor]:
         return torch.stack(list(self.kl.values())).sum() if self.kl else None
+
+
+def win_entropy(wins: Tensor, competitors: int) -> float:
+    """How evenly each block's units share the wins: 1 = uniform, 0 = one unit always wins (dead competitors).
+
+    ``wins`` holds per-unit win counts or rates of one layer (blocks of ``competitors`` consecutive units).
+    Per block: entropy of its normalised win rates divided by log U; the mean over blocks (blocks that never
+    won anything are skipped). A layer can keep exactly 1/U active while most of its units are dead: the
+    active fraction cannot show that, this can.
+    """
+    if competitors < 2:
+        return 1.0
+    p = wins.double().reshape(-1, competitors)
+    total = p.sum(1, keepdim=True)
+    p = p[total.squeeze(1) > 0] / total[total.squeeze(1) > 0]
+    if not len(p):
+        return 0.0
+    h = -(p * p.clamp_min(1e-300).log()).sum(1) / math.log(competitors)
+    return float(h.mean())
 
 
 @contextmanager

@@ -11,8 +11,8 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
-from lwta_vision.dissect.planted import PLANT_MARGIN, PlantedUnit, assign_units, planted_loss
-from lwta_vision.layers import collect_lwta_stats, lwta_modules
+from lwta_vision.dissect.evaluate.planted import PLANT_MARGIN, PlantedUnit, assign_units, planted_loss
+from lwta_vision.layers import collect_lwta_stats, lwta_modules, win_entropy
 from lwta_vision.models import create_model
 
 
@@ -44,11 +44,34 @@ class BatchWeightedMean(Metric):
         return self.total / self.weight
 
 
+class WinEntropy(Metric):
+    """Win-rate entropy of one LWTA layer over an epoch (``lwta_vision.layers.win_entropy``: 1 = the units of
+    a block share the wins evenly, 0 = one unit always wins). Keeps per-unit win counts, summed over DDP ranks,
+    so it is exact for the whole split rather than a mean of noisy per-batch values."""
+
+    full_state_update = False
+
+    def __init__(self, competitors: int):
+        super().__init__()
+        self.competitors = competitors
+        self.add_state("wins", torch.zeros(0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, wins: Tensor) -> None:
+        wins = wins.to(self.wins.device, torch.float64)
+        self.wins = wins.clone() if self.wins.numel() == 0 else self.wins + wins  # width known at the first batch
+
+    def compute(self) -> Tensor:
+        return torch.tensor(win_entropy(self.wins, self.competitors))
+
+
 class LitClassifier(L.LightningModule):
     """Cross-entropy classifier around a registry backbone.
 
     Logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``val/acc_top5``, ``val/sparsity`` (mean
-    fraction of non-zero LWTA outputs; 1/U when competition is hard) and ``val/sparsity/<layer>``.
+    fraction of non-zero LWTA outputs; 1/U when competition is hard), ``val/sparsity/<layer>`` and
+    ``val/win_entropy/<layer>`` (how evenly a block's units share the wins over the split: 1 = evenly, 0 = one
+    unit always wins, i.e. dead competitors that the active fraction cannot show); the same under ``test/``,
+    and ``train/sparsity``, ``train/win_entropy`` (layer means, one batch) at logging steps.
 
     Args:
         model: registry name (see ``lwta_vision.models.list_models()``).
@@ -62,7 +85,7 @@ class LitClassifier(L.LightningModule):
             same as with the default layout; checkpoints load into either.
         planted: plant concept detectors: ``{layer: [concept, ...]}`` (module paths of the backbone, concept
             names of the datamodule, or ``[all]``). Those units get an auxiliary loss tying their output to
-            the concept's mask (``lwta_vision.dissect.planted``), so dissection has ground truth on hidden
+            the concept's mask (``lwta_vision.dissect.evaluate.planted``), so dissection has ground truth on hidden
             layers; needs a datamodule with concept masks (``ConceptDataModule(concept_masks=true)``). The
             units chosen are stored in checkpoints as ``planted_units``.
         planted_by: ``{category or concept: presence}`` ties those planted units to the concept's presence in
@@ -107,6 +130,10 @@ class LitClassifier(L.LightningModule):
             self._mean_names += ["sparsity", *(f"sparsity/{name}" for name in lwta_modules(self.model))]
         self.eval_means = nn.ModuleDict({stage: nn.ModuleList(BatchWeightedMean() for _ in self._mean_names)
                                          for stage in ("val", "test")})
+        # one per LWTA layer; keyed by position because module paths contain dots
+        self.eval_entropy = nn.ModuleDict({stage: nn.ModuleList(WinEntropy(m.competitors)
+                                                                for m in lwta_modules(self.model).values())
+                                           for stage in ("val", "test")})
         self.planted_units: list[PlantedUnit] = []
         # layer -> [(units, concept mask planes, by presence)]
         self._planted_index: dict[str, list[tuple[Tensor, Tensor, bool]]] = {}
@@ -203,7 +230,7 @@ class LitClassifier(L.LightningModule):
             self._planted_out = {}
         try:
             if self._has_lwta and (log_now or want_kl):
-                with collect_lwta_stats(self.model, sparsity=log_now, kl=want_kl) as stats:
+                with collect_lwta_stats(self.model, sparsity=log_now, win_rates=log_now, kl=want_kl) as stats:
                     logits = self(x)
             else:
                 stats, logits = None, self(x)
@@ -226,6 +253,9 @@ class LitClassifier(L.LightningModule):
         if stats is not None and stats.nonzero:
             self.log("train/sparsity", _mean(stats.sparsity.values()), on_step=True, on_epoch=False,
                      sync_dist=True)
+            competitors = {name: m.competitors for name, m in lwta_modules(self.model).items()}
+            self.log("train/win_entropy", _mean(stats.win_entropy(competitors).values()), on_step=True,
+                     on_epoch=False, sync_dist=True)
         return loss
 
     def _raise_non_finite(self, loss: Tensor, x: Tensor) -> None:
@@ -243,10 +273,13 @@ class LitClassifier(L.LightningModule):
         x, y = batch[0], batch[1]
         values = {}
         if self._has_lwta:
-            with collect_lwta_stats(self.model) as stats:
+            with collect_lwta_stats(self.model, win_rates=True) as stats:
                 logits = self(x)
             values["sparsity"] = _mean(stats.sparsity.values())
             values.update({f"sparsity/{name}": v for name, v in stats.sparsity.items()})
+            for name, metric in zip(lwta_modules(self.model), self.eval_entropy[stage]):
+                metric.update(stats.wins[name])
+                self.log(f"{stage}/win_entropy/{name}", metric)
         else:
             logits = self(x)
         values["loss"] = self._loss(logits, y)
