@@ -212,7 +212,8 @@ def main() -> None:
           f"{args.epochs} epochs, train {len(data[0]) if not args.train_subset else args.train_subset}, "
           f"report {args.split} ({len(data[2])}), seeds {args.seeds}, lwta {args.lwta or 'defaults'}"
           + (f", noise -> {args.noise_end}" if args.noise_end is not None else "")
-          + (f", kl {args.kl_weight}" if args.kl_weight else "") + (f", bn_gamma {args.bn_gamma}" if args.bn_gamma != 1 else ""),
+          + (f", kl {args.kl_weight}" if args.kl_weight else "")
+          + (f", bn_gamma {args.bn_gamma}" if args.bn_gamma != 1 else ""),
           flush=True)
     results: dict[str, list[dict]] = {v: [] for v in args.variants}
     for seed in args.seeds:

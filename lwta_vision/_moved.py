@@ -1,5 +1,5 @@
 """Module paths from before the layout of one folder per method keep importing (user code, configs'
-``class_path``), resolved to the module that now holds the names, with a DeprecationWarning."""
+``class_path``), resolved to the module that now holds the names, with a FutureWarning."""
 from __future__ import annotations
 
 import importlib
@@ -32,7 +32,8 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def exec_module(self, module):
         new = MOVED[module.__name__]
-        warnings.warn(f"{module.__name__} moved to {new}", DeprecationWarning, stacklevel=2)
+        # FutureWarning: shown by default (a DeprecationWarning raised inside the import machinery is not)
+        warnings.warn(f"{module.__name__} moved to {new}; import it from there", FutureWarning, stacklevel=2)
         # the import system returns whatever sys.modules holds under the name after exec_module
         sys.modules[module.__name__] = importlib.import_module(new)
 

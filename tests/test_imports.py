@@ -51,7 +51,8 @@ def _imports(path: Path, module: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parent + ([base] if base else []))
             found.add(base)
             found.update(f"{base}.{a.name}" for a in node.names)  # `from lwta_vision import concept_clip`
     return {m for m in found if m.startswith("lwta_vision.")}
@@ -117,7 +118,8 @@ def _all_modules_of(packages) -> list[str]:
     for p in packages:
         pkg = __import__(f"lwta_vision.{p}", fromlist=["_"])
         names.append(pkg.__name__)
-        names += [m.name for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".") if not m.name.endswith("__main__")]
+        names += [m.name for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")
+                  if not m.name.endswith("__main__")]
     return names
 
 
@@ -146,8 +148,17 @@ def test_old_module_paths_still_import():
     code = ("import warnings; warnings.simplefilter('ignore')\nimport importlib\n"
             f"print([importlib.import_module(m).__name__ for m in {list(_moved.MOVED)!r}])")
     assert _run(code) == str(list(_moved.MOVED.values()))
-    code = ("from lwta_vision.dissect.scorers import CLIPScorer, GroundTruthScorer\n"
-            "from lwta_vision.dissect.engine import LayerLabels, label_layer\n"
-            "from lwta_vision.dissect.planted import PlantedUnit\n"
+    # the import lines of the tests and benchmarks before the move
+    code = ("import warnings; warnings.simplefilter('ignore')\n"
+            "from lwta_vision.dissect.scorers import CLIPScorer, GroundTruthScorer, WeightsUnavailableError\n"
+            "from lwta_vision.dissect.engine import LayerLabels, NeuronRow, label_layer, label_drift, rank_concepts\n"
+            "from lwta_vision.dissect.planted import PlantedUnit, planted_from_checkpoint\n"
+            "from lwta_vision.dissect.pipeline import label_records, record_probe, write_report\n"
+            "from lwta_vision.dissect.dnd import attention_boxes, box_iou, connected_components, rank_scores\n"
+            "from lwta_vision.dissect.evaluate import default_sentence_model_path, evaluate_labels\n"
+            "from lwta_vision.dissect.probe import ProbeSet\n"
             "import lwta_vision.dissect.clip_dissect as c\nprint(CLIPScorer is c.CLIPScorer)")
     assert _run(code) == "True"
+    warned = subprocess.run([sys.executable, "-c", "import lwta_vision.dissect.scorers"], capture_output=True,
+                            text=True, check=True).stderr
+    assert "lwta_vision.dissect.scorers moved to lwta_vision.dissect.clip_dissect" in warned

@@ -78,3 +78,11 @@ def write_report(
                    title=f"lwta_vision dissection on {probe.name}", extra_columns=extra_columns,
                    activations=activations, image_concepts=ground_truth_concepts(probe.dataset), meta=meta)
     return out_dir
+
+
+def __getattr__(name: str):
+    if name == "label_records":  # its home before each method had its own subpackage
+        from lwta_vision.dissect.clip_dissect.labeling import label_records
+
+        return label_records
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -204,6 +204,8 @@ def lwta_kl_uniform(x: Tensor, competitors: int, dim: int = -1) -> Tensor:
     """Mean over blocks of KL(softmax(block) || uniform(1/U)): the prior term of earlier LWTA work.
 
     Pushes blocks towards balanced competition; its weight is a config knob (default 0, as in DISCOVER).
+    It regularises softmax(x), the sampling distribution of ``noise_scale=1`` only; with the default 0.1 the
+    winner is drawn from softmax(x / 0.1), which this term does not see (not yet measured with kl_weight > 0).
     """
     blocks, axis = _blocks(x, competitors, dim)
     logq = torch.log_softmax(blocks.float(), dim=axis)

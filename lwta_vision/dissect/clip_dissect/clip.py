@@ -109,7 +109,6 @@ class CLIPScorer(Scorer):
 
         self.model_name, self.pretrained, self.checkpoint = model_name, pretrained, checkpoint
         self.device = resolve_device(device)
-        self.precision = precision
         loaded = load_clip(model_name, pretrained, checkpoint, allow_random_weights, quick_gelu, image_mean, image_std,
                            hub_cache_dir)
         self.quick_gelu = loaded.quick_gelu
@@ -135,6 +134,18 @@ class CLIPScorer(Scorer):
     @property
     def cache(self) -> Optional[TensorCache]:
         return self.encoder.cache
+
+    @cache.setter
+    def cache(self, value: Optional[TensorCache]) -> None:
+        self.encoder.cache = value
+
+    # the encoder's settings, readable and settable on the scorer as before the split
+    batch_size = property(lambda self: self.encoder.batch_size, lambda self, v: setattr(self.encoder, "batch_size", v))
+    num_workers = property(lambda self: self.encoder.num_workers,
+                           lambda self, v: setattr(self.encoder, "num_workers", v))
+    progress = property(lambda self: self.encoder.progress, lambda self, v: setattr(self.encoder, "progress", v))
+    precision = property(lambda self: self.encoder.precision,
+                         lambda self, v: setattr(self.encoder, "precision", v))
 
     @property
     def weights(self) -> dict:

@@ -33,9 +33,14 @@ from lwta_vision.dissect.labels import (
     _finite_or_none,
     _margins,
     _mean_of,
+    label_drift,
     rank_concepts,
 )
 from lwta_vision.dissect.recording import LayerRecord, order_by_image
+
+# label_drift and the label types: also the names of `lwta_vision.dissect.engine`, this module's old path
+__all__ = ["label_layer", "label_records", "tie_contrast", "label_drift", "rank_concepts", "LayerLabels",
+           "NeuronRow", "TIE_TOL", "NEAR_TIE_FACTOR"]
 
 PRIOR_UNITS = ("active", "all")
 RANKED = 5  # concepts ranked per unit when labelling (top_labels up to this many are exact)

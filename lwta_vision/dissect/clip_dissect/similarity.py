@@ -151,8 +151,8 @@ def _chunked_log_likelihood(
     Each (rank r, neuron n) pair contributes log(c_r + w_r p(t|x)) with c_r = 1 - w_r + min_prob, i.e.
     log(1 + w_r (p(t|x) - 1) + min_prob) without the cancellation of 1 - w_r (p - 1) (or, when ``weights``
     is None, log(p(t|x) + min_prob)), to row n. Pairs are sorted by image so every softmax row is computed
-    once. Rows are computed ``chunk_size`` at a time (default: as many as fit in ``_BLOCK_ELEMENTS``
-    entries) and pairs handled in blocks of that size, so each block's four passes (gather, multiply-add,
+    once. Rows are computed ``chunk_size`` at a time (default: ``_ROW_ELEMENTS`` entries' worth) and pairs
+    handled in blocks of ``_BLOCK_ELEMENTS`` entries, so each block's four passes (gather, multiply-add,
     log, scatter-add) run in cache rather than through memory.
     """
     k, num_neurons = top_idx.shape
@@ -200,7 +200,7 @@ def _chunked_log_likelihood(
 @torch.no_grad()
 def soft_wpmi(
     activations: torch.Tensor,
-    image_concept_sim: torch.Tensor,
+    image_concept_sim: ImageConcept,
     top_k: int = 100,
     a: float = 10.0,
     lam: float = 1.0,
@@ -222,8 +222,8 @@ def soft_wpmi(
         score      = log p(t|k) - lam * log p(t)
 
     Only the softmax rows of images in some neuron's top-k are computed, ``chunk_size`` rows at a time,
-    and pairs (image, neuron) are processed in batches of ``chunk_size``, so no N x M softmax and no
-    K x top_k x M tensor is ever materialised. With K = 1 and lam = 1 every score is 0.
+    and pairs (image, neuron) are processed in cache-sized blocks, so no N x M softmax and no K x top_k x M
+    tensor is ever materialised (and with an ``EmbeddingProduct``, no N x M matrix at all). With K = 1 and lam = 1 every score is 0.
 
     Args:
         activations: [N images, K neurons] per-neuron activation summaries.
@@ -235,8 +235,9 @@ def soft_wpmi(
         p_start: membership weight of the most-activating image.
         p_end: weight the linear ramp reaches at rank top_k (the last image gets slightly more).
         min_prob: floor inside the log, keeps scores finite.
-        chunk_size: softmax rows held at once (memory ~ chunk_size * M); default: what fits in a block of
-            2**18 entries, the fastest on the CPUs measured.
+        chunk_size: softmax rows held at once (memory ~ chunk_size * M); default: 2**21 // M rows (the log
+            terms then go in blocks of 2**19 // M rows), the fastest of six sizes measured
+            (BENCHMARKS.md, soft-WPMI at ImageNet scale).
         dtype: computation dtype; float64 by default because scores are sums of ~top_k logs (|score|
             in the hundreds) whose differences between concepts can be small.
         return_log_likelihood: also return log p(t|k) [K, M], from which the labeling derives the key
@@ -261,7 +262,7 @@ def soft_wpmi(
 @torch.no_grad()
 def soft_wpmi_reference(
     activations: torch.Tensor,
-    image_concept_sim: torch.Tensor,
+    image_concept_sim: ImageConcept,
     top_k: int = 100,
     a: float = 10.0,
     lam: float = 1.0,
@@ -289,7 +290,7 @@ def soft_wpmi_reference(
 @torch.no_grad()
 def wpmi(
     activations: torch.Tensor,
-    image_concept_sim: torch.Tensor,
+    image_concept_sim: ImageConcept,
     top_k: int = 28,
     a: float = 2.0,
     lam: float = 0.6,
@@ -348,7 +349,7 @@ def _centre_cube(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def cos_similarity(
     activations: torch.Tensor,
-    image_concept_sim: torch.Tensor,
+    image_concept_sim: ImageConcept,
     eps: float = 1e-12,
     chunk_size: int = 4096,
 ) -> torch.Tensor:
@@ -371,7 +372,7 @@ def cos_similarity(
 @torch.no_grad()
 def cos_similarity_cubed(
     activations: torch.Tensor,
-    image_concept_sim: torch.Tensor,
+    image_concept_sim: ImageConcept,
     eps: float = 1e-12,
     chunk_size: int = 4096,
 ) -> torch.Tensor:
@@ -398,7 +399,7 @@ def cos_similarity_cubed(
 @torch.no_grad()
 def rank_reorder(
     activations: torch.Tensor,
-    image_concept_sim: torch.Tensor,
+    image_concept_sim: ImageConcept,
     top_k: Optional[int] = None,
     top_fraction: float = 0.05,
     p: float = 3.0,
