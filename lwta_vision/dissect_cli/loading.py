@@ -15,7 +15,7 @@ from torchvision import transforms as T
 from lwta_vision.checkpoints import CheckpointError, load_network
 from lwta_vision.concept_clip import is_concept_data
 from lwta_vision.datasets.probe import ImageFolderImages, ProbeSet
-from lwta_vision.dissect.clip_dissect import CLIPScorer, GroundTruthScorer, WeightsUnavailableError
+from lwta_vision.dissect.clip_dissect import CLIPScorer, GroundTruthScorer, WeightsUnavailableError, resolve_device
 from lwta_vision.dissect.clip_dissect.similarity import get_similarity
 from lwta_vision.dissect.concepts import load_concept_set
 from lwta_vision.dissect.recording import LOG_SOFTMAX, expose_log_softmax, resolve_layers
@@ -28,12 +28,12 @@ _RANDOM_SEED = 0
 
 
 def torch_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu or auto")
-    return dev
+    """:func:`resolve_device`, with its error in the command line's words."""
+    try:
+        return resolve_device(device)
+    except ValueError:
+        msg = f"--device {device}: CUDA is not available on this machine; use --device cpu or auto"
+        raise ValueError(msg) from None
 
 
 def run_config(checkpoint: str) -> Optional[dict]:
