@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 EVAL_MODES = ("argmax", "sample")
+IMPLS = ("auto", "fused", "reference")
 
 
 def _blocks(x: Tensor, competitors: int, dim: int) -> tuple[Tensor, int]:
@@ -60,32 +61,34 @@ def _gumbel_like(x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
 
 
 class _HardST(torch.autograd.Function):
-    """Straight-through hard sample: value ``x * hard``, gradient of ``x * softmax(z)``.
+    """Straight-through hard sample: value ``x * hard``, gradient of ``x * softmax(z / tau)``.
 
-    ``z`` may be float32 while ``x`` is bf16/fp16: the softmax and the gradient w.r.t. ``z`` stay float32.
+    ``z`` (the noisy logits) may be float32 while ``x`` is bf16/fp16: the softmax and the gradient w.r.t. ``z``
+    stay float32. The winner is the maximum of ``z`` itself, before the division by tau, which cannot change it
+    in exact arithmetic but could in rounding (two close values dividing to the same float).
 
     Same gradients as autograd on ``x * (hard - soft.detach() + soft)``, written out so the softmax is not
-    kept in the autograd graph: fewer saved tensors and elementwise kernels, which dominate an LWTA layer's
-    cost on a CPU.
+    kept in the autograd graph: fewer saved tensors and elementwise kernels. The fused kernel (``fused.py``)
+    goes further and saves ``x`` only.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, z: Tensor, axis: int):
+    def forward(ctx, x: Tensor, z: Tensor, axis: int, inv_tau: float):
         with torch.no_grad():
             zmax = z.amax(axis, keepdim=True)
             hard = _max_mask(z, zmax, axis)
-            soft = (z - zmax).exp_()
+            soft = (z - zmax).mul_(inv_tau).exp_()
             soft /= soft.sum(axis, keepdim=True)
         ctx.save_for_backward(x, soft, hard)
-        ctx.axis = axis
+        ctx.axis, ctx.inv_tau = axis, inv_tau
         return x * hard
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, soft, hard = ctx.saved_tensors
         g_soft = grad.to(soft.dtype) * x.to(soft.dtype)
-        g_z = g_soft.sub_((g_soft * soft).sum(ctx.axis, keepdim=True)).mul_(soft)
-        return grad * hard, g_z, None
+        g_z = g_soft.sub_((g_soft * soft).sum(ctx.axis, keepdim=True)).mul_(soft).mul_(ctx.inv_tau)
+        return grad * hard, g_z, None, None
 
 
 class _PairST(torch.autograd.Function):
@@ -129,13 +132,15 @@ def _max_mask(z: Tensor, zmax: Tensor, axis: int) -> Tensor:
     return mask
 
 
-def _noisy(blocks: Tensor, noise_scale: float, generator: Optional[torch.Generator]) -> Tensor:
-    """``blocks + noise_scale * Gumbel`` in the competition dtype (no noise drawn when the scale is 0)."""
+def _noisy(blocks: Tensor, noise_scale: float, generator: Optional[torch.Generator],
+           gumbel: Optional[Tensor] = None) -> Tensor:
+    """``blocks + noise_scale * Gumbel`` in the competition dtype (no noise drawn when the scale is 0).
+    ``gumbel``: standard Gumbel noise to use instead of drawing it."""
     z = blocks.to(_competition_dtype(blocks.dtype))
     if noise_scale == 0:
         return z
-    g = _gumbel_like(blocks, generator)
-    return z + (g if noise_scale == 1 else g.mul_(noise_scale))
+    g = _gumbel_like(blocks, generator) if gumbel is None else gumbel.reshape(blocks.shape).to(z.dtype)
+    return z + (g if noise_scale == 1 else g * noise_scale)
 
 
 def _logistic_like(x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
@@ -154,6 +159,8 @@ def lwta(
     eval_mode: str = "argmax",
     generator: Optional[torch.Generator] = None,
     noise_scale: float = 0.1,
+    impl: str = "auto",
+    noise: Optional[Tensor] = None,
 ) -> Tensor:
     """Stochastic LWTA competition (pure function).
 
@@ -171,6 +178,11 @@ def lwta(
         noise_scale: scale s of the Gumbel noise: the winner of a sample is argmax(x + s * g), i.e. it is drawn
             from softmax(x / s). 1 is the classic Categorical(softmax(x)); 0 is the deterministic argmax. The
             default 0.1 is explained in ``LWTA``.
+        impl: how a hard training sample is computed: "auto" (the fused CPU kernel of ``fused.py`` where it
+            applies, else the reference), "fused" (an error where it does not apply) or "reference" (torch ops).
+            Both sample the same distribution and give the same gradients; their random draws differ.
+        noise: standard noise to use instead of drawing it (reference only): Gumbel(0, 1) of ``x``'s shape, or
+            for a hard U = 2 sample one Logistic(0, 1) per block (``x`` with ``dim`` halved). For tests.
 
     Returns a tensor of ``x``'s shape and dtype; the noisy competition runs in at least float32.
     """
@@ -180,23 +192,42 @@ def lwta(
         raise ValueError(f"LWTA temperature must be > 0, got {temperature}")
     if noise_scale < 0:
         raise ValueError(f"LWTA noise_scale must be >= 0, got {noise_scale}")
+    if impl not in IMPLS:
+        raise ValueError(f"LWTA impl must be one of {IMPLS}, got {impl!r}")
     blocks, axis = _blocks(x, competitors, dim)
     if not training:
         if eval_mode not in EVAL_MODES:
             raise ValueError(f"LWTA eval_mode must be one of {EVAL_MODES}, got {eval_mode!r}")
         # argmax compares the values themselves (exact in any dtype); sampling adds noise in float32
-        logits = blocks if eval_mode == "argmax" or noise_scale == 0 else _noisy(blocks, noise_scale, generator)
+        logits = blocks if eval_mode == "argmax" or noise_scale == 0 else _noisy(blocks, noise_scale, generator,
+                                                                                  noise)
         return (blocks * _max_mask(logits, logits.amax(axis, keepdim=True), axis)).reshape(x.shape)
+    if hard and noise is None and impl != "reference":
+        from lwta_vision.layers import fused
+
+        fits = fused.enabled() and fused.layout(x, competitors, dim) is not None
+        if fits and fused.extension() is not None:
+            return fused.lwta_fused(x, competitors, dim, temperature, noise_scale, generator=generator)
+        if impl == "fused":
+            why = fused.unavailable_reason() or (
+                "LWTA_VISION_FUSED=0" if not fused.enabled() else
+                f"it takes contiguous or channels-last CPU tensors of {', '.join(map(str, fused._DTYPES))}, got "
+                f"a {x.dtype} tensor on {x.device} with strides {x.stride()}")
+            raise ValueError(f"LWTA impl='fused' cannot run here: {why}; use impl='auto' to fall back to the "
+                             f"reference")
+    elif impl == "fused":
+        raise ValueError("LWTA impl='fused' computes hard training samples with its own noise; use "
+                         "impl='reference' for soft samples or explicit noise")
     if hard and competitors == 2:
-        noise = _logistic_like(blocks.select(axis, 0), generator)
-        if noise_scale != 1:
-            noise.mul_(noise_scale)
-        return _PairST.apply(blocks, noise, axis, 1.0 / temperature).reshape(x.shape)
-    z = _noisy(blocks, noise_scale, generator) / temperature
+        pair = _logistic_like(blocks.select(axis, 0), generator) if noise is None else (
+            noise.reshape(blocks.select(axis, 0).shape).to(_competition_dtype(x.dtype)))
+        pair = pair if noise_scale == 1 else pair * noise_scale
+        return _PairST.apply(blocks, pair, axis, 1.0 / temperature).reshape(x.shape)
+    z = _noisy(blocks, noise_scale, generator, noise)
     if not hard:
-        return (blocks * torch.softmax(z, dim=axis).to(x.dtype)).reshape(x.shape)
+        return (blocks * torch.softmax(z / temperature, dim=axis).to(x.dtype)).reshape(x.shape)
     if torch.is_grad_enabled() and x.requires_grad:
-        return _HardST.apply(blocks, z, axis).reshape(x.shape)
+        return _HardST.apply(blocks, z, axis, 1.0 / temperature).reshape(x.shape)
     return (blocks * _max_mask(z, z.amax(axis, keepdim=True), axis)).reshape(x.shape)
 
 
@@ -240,6 +271,7 @@ class LWTA(nn.Module):
         eval_mode: "argmax" or "sample".
         noise_scale: scale s of the Gumbel noise: winners are drawn from softmax(x / s) in training and in
             "sample" eval; 0 = deterministic competition, 1 = DISCOVER's. See above for the default.
+        impl: "auto" (the fused CPU kernel where it applies, ``fused.py``), "fused" or "reference".
     """
 
     def __init__(
@@ -250,6 +282,7 @@ class LWTA(nn.Module):
         hard: bool = True,
         eval_mode: str = "argmax",
         noise_scale: float = 0.1,
+        impl: str = "auto",
     ):
         super().__init__()
         try:  # values from a dict-typed config (model_kwargs) can arrive as strings: "2" -> 2
@@ -266,12 +299,15 @@ class LWTA(nn.Module):
             raise ValueError(f"LWTA noise_scale must be >= 0, got {noise_scale}")
         if eval_mode not in EVAL_MODES:
             raise ValueError(f"LWTA eval_mode must be one of {EVAL_MODES}, got {eval_mode!r}")
+        if impl not in IMPLS:
+            raise ValueError(f"LWTA impl must be one of {IMPLS}, got {impl!r}")
+        self.impl = impl
         self.competitors, self.dim, self.temperature = competitors, dim, temperature
         self.hard, self.eval_mode, self.noise_scale = hard, eval_mode, noise_scale
 
     def forward(self, x: Tensor) -> Tensor:
         return lwta(x, self.competitors, self.dim, self.temperature, self.training, self.hard, self.eval_mode,
-                    noise_scale=self.noise_scale)
+                    noise_scale=self.noise_scale, impl=getattr(self, "impl", "auto"))
 
     def kl_uniform(self, x: Tensor) -> Tensor:
         return lwta_kl_uniform(x, self.competitors, self.dim)
@@ -280,6 +316,7 @@ class LWTA(nn.Module):
         return (
             f"competitors={self.competitors}, dim={self.dim}, temperature={self.temperature}, "
             f"hard={self.hard}, eval_mode={self.eval_mode!r}, noise_scale={self.noise_scale}"
+            + (f", impl={self.impl!r}" if getattr(self, "impl", "auto") != "auto" else "")
         )
 
 

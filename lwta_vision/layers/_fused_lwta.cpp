@@ -1,0 +1,398 @@
+// Fused LWTA forward and backward for CPU tensors (built on first use by lwta_vision/layers/fused.py).
+//
+// A contiguous tensor is seen as (R, U, I): R rows of blocks, U competitors, I inner positions
+// (I = H*W for a conv map with competition along channels, 1 for tokens). Channels-last maps have their own
+// loop over blocks of U adjacent values, drawing the same noise as the contiguous layout.
+// One pass reads x, draws the noise from a counter-based hash of (seed, row, position) and writes y; only
+// x and the seed are kept for backward, which draws the same noise again. The reference layer
+// (lwta_vision.layers.lwta) saves x, the softmax and the winner mask instead and runs a dozen passes.
+//
+// Compiled with -ffp-contract=off so that x + s * g rounds as the reference's separate torch ops do: the
+// winner is then the same for the same noise, bit for bit (tests/layers/test_fused.py). Inner loops are
+// branch-free over I (and marked ivdep: x, y and the gradients never overlap) so that the compiler
+// vectorises them, log and exp included (musl/Cephes polynomials,
+// within 1-2 ulp of libm).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kChunk = 256;  // inner positions handled together: U * kChunk floats of scratch per thread
+
+#define LWTA_INLINE static inline __attribute__((always_inline))
+
+LWTA_INLINE uint32_t as_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+LWTA_INLINE float as_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+
+// lowbias32 (C. Wellons): a bijective 32-bit mixer with low avalanche bias
+LWTA_INLINE uint32_t mix32(uint32_t x) {
+  x ^= x >> 16; x *= 0x7feb352du; x ^= x >> 15; x *= 0x846ca68bu; x ^= x >> 16;
+  return x;
+}
+
+// one 32-bit key per row of blocks, from the 64-bit seed (splitmix64 finaliser)
+LWTA_INLINE uint32_t row_key(uint64_t seed, int64_t row) {
+  uint64_t z = seed + 0x9E3779B97F4A7C15ull * (uint64_t)(row + 1);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return (uint32_t)(z ^ (z >> 31));
+}
+
+// uniform in (0, 1) on the 2^-24 grid shifted by half a step: never 0 or 1, so every log below is finite
+LWTA_INLINE float uniform(uint32_t key, uint32_t j) {
+  uint32_t h = mix32((j * 0x9E3779B9u) ^ key);
+  return (float)(int32_t)(h >> 8) * 5.9604644775390625e-08f + 2.98023223876953125e-08f;
+}
+
+// logf for positive normal x (musl's algorithm, < 1 ulp), written without branches
+LWTA_INLINE float log_pos(float x) {
+  uint32_t ix = as_bits(x) - 0x3f3504f3u;  // so that the mantissa lands in [sqrt(1/2), sqrt(2))
+  float k = (float)((int32_t)ix >> 23);
+  float f = as_float((ix & 0x007fffffu) + 0x3f3504f3u) - 1.0f;
+  float s = f / (2.0f + f);
+  float z = s * s, w = z * z;
+  float t1 = w * (0.40000972152f + w * 0.24279078841f);
+  float t2 = z * (0.66666662693f + w * 0.28498786688f);
+  float r = t2 + t1, hfsq = 0.5f * f * f;
+  return k * 6.9313812256e-01f - ((hfsq - (s * (hfsq + r) + k * 9.0580006145e-06f)) - f);
+}
+
+// expf for x <= 0 (Cephes polynomial, ~1 ulp); flushes to 0 below -87
+LWTA_INLINE float exp_nonpos(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  float kf = (x * 1.44269504089f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
+  float r = (x - kf * 0.693359375f) - kf * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  float scaled = as_float((uint32_t)((int32_t)kf + 127) << 23);
+  float y = p * scaled;
+  return x <= -87.0f ? 0.0f : y;
+}
+
+LWTA_INLINE float gumbel(uint32_t key, uint32_t j) { return -log_pos(-log_pos(uniform(key, j))); }
+
+LWTA_INLINE float logistic(uint32_t key, uint32_t j) {
+  float u = uniform(key, j);
+  return log_pos(u / (1.0f - u));
+}
+
+struct Shape {
+  int64_t rows, u, inner;
+  float scale, inv_tau;
+};
+
+// z_k = float(x_k) + s * g_k for one chunk of positions, the running max and the winner (first on ties)
+template <typename T>
+LWTA_INLINE void noisy_chunk(const T* xr, const Shape& sh, uint32_t key, int64_t i0, int64_t n, float* z,
+                             float* best, int32_t* arg) {
+  const int64_t I = sh.inner;
+  for (int64_t k = 0; k < sh.u; ++k) {
+    const T* xk = xr + k * I + i0;
+    float* zk = z + k * kChunk;
+    const uint32_t j0 = (uint32_t)(k * I + i0);
+    #pragma GCC ivdep
+    for (int64_t i = 0; i < n; ++i) {
+      float v = (float)xk[i] + sh.scale * gumbel(key, j0 + (uint32_t)i);
+      zk[i] = v;
+      if (k == 0) { best[i] = v; arg[i] = 0; }
+      else {
+        bool gt = v > best[i];
+        best[i] = gt ? v : best[i];
+        arg[i] = gt ? (int32_t)k : arg[i];
+      }
+    }
+  }
+}
+
+template <typename T>
+void forward_general(const T* x, T* y, const Shape& sh, uint64_t seed) {
+  const int64_t I = sh.inner, U = sh.u;
+  at::parallel_for(0, sh.rows, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<float> z(U * kChunk);
+    float best[kChunk];
+    int32_t arg[kChunk];
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint32_t key = row_key(seed, r);
+      const T* xr = x + r * U * I;
+      T* yr = y + r * U * I;
+      for (int64_t i0 = 0; i0 < I; i0 += kChunk) {
+        const int64_t n = std::min(kChunk, I - i0);
+        noisy_chunk(xr, sh, key, i0, n, z.data(), best, arg);
+        for (int64_t k = 0; k < U; ++k) {
+          const T* xk = xr + k * I + i0;
+          T* yk = yr + k * I + i0;
+          #pragma GCC ivdep
+          for (int64_t i = 0; i < n; ++i) yk[i] = arg[i] == k ? xk[i] : (T)0.0f;
+        }
+      }
+    }
+  });
+}
+
+// grad_x = grad * hard + (1 / tau) * soft * (grad * x - sum_j soft_j grad_j x_j), soft = softmax(z / tau)
+template <typename T>
+void backward_general(const T* g, const T* x, T* gx, const Shape& sh, uint64_t seed) {
+  const int64_t I = sh.inner, U = sh.u;
+  const float inv_tau = sh.inv_tau;
+  at::parallel_for(0, sh.rows, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<float> z(U * kChunk);
+    float best[kChunk], sum[kChunk], dot[kChunk];
+    int32_t arg[kChunk];
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint32_t key = row_key(seed, r);
+      const int64_t off = r * U * I;
+      for (int64_t i0 = 0; i0 < I; i0 += kChunk) {
+        const int64_t n = std::min(kChunk, I - i0);
+        noisy_chunk(x + off, sh, key, i0, n, z.data(), best, arg);
+        #pragma GCC ivdep
+        for (int64_t i = 0; i < n; ++i) { sum[i] = 0.0f; dot[i] = 0.0f; }
+        for (int64_t k = 0; k < U; ++k) {  // z becomes exp((z - max) / tau); sum and sum of e * g * x
+          float* zk = z.data() + k * kChunk;
+          const T* xk = x + off + k * I + i0;
+          const T* gk = g + off + k * I + i0;
+          #pragma GCC ivdep
+          for (int64_t i = 0; i < n; ++i) {
+            float e = exp_nonpos((zk[i] - best[i]) * inv_tau);
+            zk[i] = e;
+            sum[i] += e;
+            dot[i] += e * ((float)gk[i] * (float)xk[i]);
+          }
+        }
+        #pragma GCC ivdep
+        for (int64_t i = 0; i < n; ++i) { sum[i] = 1.0f / sum[i]; dot[i] *= sum[i]; }
+        for (int64_t k = 0; k < U; ++k) {
+          const float* zk = z.data() + k * kChunk;
+          const T* xk = x + off + k * I + i0;
+          const T* gk = g + off + k * I + i0;
+          T* ok = gx + off + k * I + i0;
+          #pragma GCC ivdep
+          for (int64_t i = 0; i < n; ++i) {
+            float gi = (float)gk[i];
+            float soft = zk[i] * sum[i];
+            float v = (arg[i] == k ? gi : 0.0f) + inv_tau * soft * (gi * (float)xk[i] - dot[i]);
+            ok[i] = (T)v;
+          }
+        }
+      }
+    }
+  });
+}
+
+// U = 2: unit 0 wins iff (x0 - x1) + s * L > 0 with one Logistic(0, 1) draw per block
+template <typename T>
+void forward_pair(const T* x, T* y, const Shape& sh, uint64_t seed) {
+  const int64_t I = sh.inner;
+  at::parallel_for(0, sh.rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint32_t key = row_key(seed, r);
+      const T* x0 = x + r * 2 * I;
+      const T* x1 = x0 + I;
+      T* y0 = y + r * 2 * I;
+      T* y1 = y0 + I;
+      #pragma GCC ivdep
+      for (int64_t i = 0; i < I; ++i) {
+        float s = ((float)x0[i] - (float)x1[i]) + sh.scale * logistic(key, (uint32_t)i);
+        bool w0 = s > 0.0f;
+        y0[i] = w0 ? x0[i] : (T)0.0f;
+        y1[i] = w0 ? (T)0.0f : x1[i];
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_pair(const T* g, const T* x, T* gx, const Shape& sh, uint64_t seed) {
+  const int64_t I = sh.inner;
+  const float inv_tau = sh.inv_tau, scale = sh.scale;
+  at::parallel_for(0, sh.rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint32_t key = row_key(seed, r);
+      const int64_t off = r * 2 * I;
+      const T* __restrict__ x0 = x + off;
+      const T* __restrict__ x1 = x0 + I;
+      const T* __restrict__ g0 = g + off;
+      const T* __restrict__ g1 = g0 + I;
+      T* __restrict__ o0 = gx + off;
+      T* __restrict__ o1 = o0 + I;
+#pragma GCC ivdep
+      for (int64_t i = 0; i < I; ++i) {
+        float a = (float)x0[i], b = (float)x1[i];
+        float ga = (float)g0[i], gb = (float)g1[i];
+        float s = (a - b) + scale * logistic(key, (uint32_t)i);
+        bool w0 = s > 0.0f;
+        // sigmoid(t) = 1 / (1 + exp(-|t|)) mirrored for t < 0, so exp's argument stays <= 0
+        float t = s * inv_tau;
+        float e = exp_nonpos(t > 0.0f ? -t : t);
+        float p = 1.0f / (1.0f + e);
+        float soft0 = t > 0.0f ? p : 1.0f - p;
+        float c = (ga * a - gb * b) * (soft0 * (1.0f - soft0)) * inv_tau;
+        o0[i] = (T)((w0 ? ga : 0.0f) + c);
+        o1[i] = (T)((w0 ? 0.0f : gb) - c);
+      }
+    }
+  });
+}
+
+// Channels-last maps (N, C, H, W with C innermost in memory): memory holds (N, HW, B, U), each block U adjacent
+// values. The noise is indexed by the logical (row n * B + b, position k * HW + hw) as in the contiguous path,
+// so a seed gives the same sample whatever the memory format.
+template <typename T>
+void forward_cl(const T* x, T* y, const Shape& sh, uint64_t seed, int64_t B) {
+  const int64_t U = sh.u, HW = sh.inner;
+  at::parallel_for(0, sh.rows, 64, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {  // memory block m = (n * HW + hw) * B + b
+      const int64_t b = m % B, hw = (m / B) % HW, n = m / (B * HW);
+      const uint32_t key = row_key(seed, n * B + b);
+      const T* xb = x + m * U;
+      T* yb = y + m * U;
+      if (U == 2) {
+        float s = ((float)xb[0] - (float)xb[1]) + sh.scale * logistic(key, (uint32_t)hw);
+        bool w0 = s > 0.0f;
+        yb[0] = w0 ? xb[0] : (T)0.0f;
+        yb[1] = w0 ? (T)0.0f : xb[1];
+        continue;
+      }
+      float best = 0.0f;
+      int64_t arg = 0;
+      for (int64_t k = 0; k < U; ++k) {
+        float v = (float)xb[k] + sh.scale * gumbel(key, (uint32_t)(k * HW + hw));
+        if (k == 0 || v > best) { best = v; arg = k; }
+      }
+      for (int64_t k = 0; k < U; ++k) yb[k] = k == arg ? xb[k] : (T)0.0f;
+    }
+  });
+}
+
+template <typename T>
+void backward_cl(const T* g, const T* x, T* gx, const Shape& sh, uint64_t seed, int64_t B) {
+  const int64_t U = sh.u, HW = sh.inner;
+  const float inv_tau = sh.inv_tau;
+  at::parallel_for(0, sh.rows, 64, [&](int64_t m0, int64_t m1) {
+    std::vector<float> z(U);
+    for (int64_t m = m0; m < m1; ++m) {
+      const int64_t b = m % B, hw = (m / B) % HW, n = m / (B * HW);
+      const uint32_t key = row_key(seed, n * B + b);
+      const T* xb = x + m * U;
+      const T* gb = g + m * U;
+      T* ob = gx + m * U;
+      if (U == 2) {
+        float a = (float)xb[0], c1 = (float)xb[1], ga = (float)gb[0], g1 = (float)gb[1];
+        float s = (a - c1) + sh.scale * logistic(key, (uint32_t)hw);
+        bool w0 = s > 0.0f;
+        float t = s * inv_tau;
+        float e = exp_nonpos(t > 0.0f ? -t : t);
+        float p = 1.0f / (1.0f + e);
+        float soft0 = t > 0.0f ? p : 1.0f - p;
+        float c = (ga * a - g1 * c1) * (soft0 * (1.0f - soft0)) * inv_tau;
+        ob[0] = (T)((w0 ? ga : 0.0f) + c);
+        ob[1] = (T)((w0 ? 0.0f : g1) - c);
+        continue;
+      }
+      float best = 0.0f;
+      int64_t arg = 0;
+      for (int64_t k = 0; k < U; ++k) {
+        float v = (float)xb[k] + sh.scale * gumbel(key, (uint32_t)(k * HW + hw));
+        z[k] = v;
+        if (k == 0 || v > best) { best = v; arg = k; }
+      }
+      float sum = 0.0f, dot = 0.0f;
+      for (int64_t k = 0; k < U; ++k) {
+        float e = exp_nonpos((z[k] - best) * inv_tau);
+        z[k] = e;
+        sum += e;
+        dot += e * ((float)gb[k] * (float)xb[k]);
+      }
+      const float inv = 1.0f / sum;
+      dot *= inv;
+      for (int64_t k = 0; k < U; ++k) {
+        float gi = (float)gb[k];
+        ob[k] = (T)((k == arg ? gi : 0.0f) + inv_tau * (z[k] * inv) * (gi * (float)xb[k] - dot));
+      }
+    }
+  });
+}
+
+Shape shape_of(const at::Tensor& x, int64_t competitors, int64_t inner, double noise_scale, double temperature) {
+  TORCH_CHECK(x.device().is_cpu(), "fused LWTA: CPU tensors only");
+  TORCH_CHECK(x.is_non_overlapping_and_dense(), "fused LWTA: x must be dense");
+  TORCH_CHECK(competitors >= 2 && inner >= 1 && x.numel() % (competitors * inner) == 0,
+              "fused LWTA: numel ", x.numel(), " is not a multiple of competitors * inner = ", competitors * inner);
+  TORCH_CHECK(inner * competitors < (int64_t(1) << 32), "fused LWTA: a row of blocks must hold < 2^32 values");
+  return Shape{x.numel() / (competitors * inner), competitors, inner, (float)noise_scale, (float)(1.0 / temperature)};
+}
+
+#define LWTA_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
+
+// inner: positions per row of blocks in the logical (rows, U, inner) view; cl_blocks: 0 for a contiguous x,
+// else B = C / U of a channels-last (N, C, H, W) x (then inner = H * W).
+at::Tensor forward(const at::Tensor& x, int64_t seed, int64_t competitors, int64_t inner, int64_t cl_blocks,
+                   double noise_scale, double temperature) {
+  Shape sh = shape_of(x, competitors, inner, noise_scale, temperature);
+  at::Tensor y = at::empty_like(x);  // same strides: memory order is the (R, U, I) order for both
+  LWTA_DISPATCH(x.scalar_type(), "lwta_forward", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    if (cl_blocks > 0) {
+      Shape blocks = sh;
+      blocks.rows = x.numel() / competitors;
+      forward_cl(xp, yp, blocks, (uint64_t)seed, cl_blocks);
+    } else if (competitors == 2) forward_pair(xp, yp, sh, (uint64_t)seed);
+    else forward_general(xp, yp, sh, (uint64_t)seed);
+  });
+  return y;
+}
+
+at::Tensor backward(const at::Tensor& grad, const at::Tensor& x, int64_t seed, int64_t competitors, int64_t inner,
+                    int64_t cl_blocks, double noise_scale, double temperature) {
+  Shape sh = shape_of(x, competitors, inner, noise_scale, temperature);
+  at::Tensor g = grad.to(x.scalar_type());
+  if (g.strides() != x.strides()) g = at::empty_like(x).copy_(g);  // same memory order as x
+  at::Tensor gx = at::empty_like(x);
+  LWTA_DISPATCH(x.scalar_type(), "lwta_backward", [&] {
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* op = gx.mutable_data_ptr<scalar_t>();
+    if (cl_blocks > 0) {
+      Shape blocks = sh;
+      blocks.rows = x.numel() / competitors;
+      backward_cl(gp, xp, op, blocks, (uint64_t)seed, cl_blocks);
+    } else if (competitors == 2) backward_pair(gp, xp, op, sh, (uint64_t)seed);
+    else backward_general(gp, xp, op, sh, (uint64_t)seed);
+  });
+  return gx;
+}
+
+// The noise forward draws, in the logical (rows, U, inner) order whatever x's memory format: Gumbel(0, 1) per
+// value (shape (R, U * I)), or for U = 2 one Logistic(0, 1) per block (shape (R, I)). Unscaled; for the tests that feed the reference layer the same noise.
+at::Tensor noise(const at::Tensor& x, int64_t seed, int64_t competitors, int64_t inner) {
+  Shape sh = shape_of(x, competitors, inner, 1.0, 1.0);
+  const int64_t per_row = competitors == 2 ? inner : competitors * inner;
+  at::Tensor out = at::empty({sh.rows, per_row}, x.options().dtype(at::kFloat));
+  float* o = out.mutable_data_ptr<float>();
+  at::parallel_for(0, sh.rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint32_t key = row_key((uint64_t)seed, r);
+      for (int64_t j = 0; j < per_row; ++j)
+        o[r * per_row + j] = competitors == 2 ? logistic(key, (uint32_t)j) : gumbel(key, (uint32_t)j);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "fused LWTA forward (hard straight-through sample)");
+  m.def("backward", &backward, "fused LWTA backward (recomputes the noise from the seed)");
+  m.def("noise", &noise, "the noise the fused forward draws for a seed");
+}
