@@ -124,6 +124,9 @@ def _max_mask(z: Tensor, zmax: Tensor, axis: int) -> Tensor:
     channel axis; exact ties (possible without noise, e.g. in "argmax" eval on constant inputs) fall back to
     argmax so that there is still exactly one winner (the first).
     """
+    if torch.compiler.is_compiling():  # no data-dependent branch in a compiled graph: argmax (first on ties)
+        return torch.zeros(z.shape, dtype=torch.bool, device=z.device).scatter_(axis, z.argmax(axis, keepdim=True),
+                                                                                 True)
     mask = z == zmax
     # every block has at least one True; more Trues than blocks means a tie somewhere (one scalar reduction)
     if int(mask.sum()) > zmax.numel():

@@ -83,6 +83,12 @@ class LitClassifier(L.LightningModule):
         channels_last: keep conv weights and 4-D input batches in ``torch.channels_last`` memory format
             (NHWC: faster convolutions with bf16/fp16 on tensor-core GPUs and on recent CPUs). Outputs are the
             same as with the default layout; checkpoints load into either.
+        compile: compile the backbone with ``torch.compile`` (in place, ``nn.Module.compile``: ``state_dict`` keys,
+            checkpoints and the layers that hooks and dissection see stay the same). LWTA layers enter the graph
+            as one custom op (``lwta_vision.layers.fused``). On a CPU the eager network can be the faster one
+            (BENCHMARKS.md): measure before switching it on.
+        compile_kwargs: arguments of ``torch.compile``, e.g. ``{"mode": "max-autotune"}`` or ``{"backend":
+            "aot_eager"}``.
         planted: plant concept detectors: ``{layer: [concept, ...]}`` (module paths of the backbone, concept
             names of the datamodule, or ``[all]``). Those units get an auxiliary loss tying their output to
             the concept's mask (``lwta_vision.dissect.evaluate.planted``), so dissection has ground truth on hidden
@@ -106,6 +112,8 @@ class LitClassifier(L.LightningModule):
         label_smoothing: float = 0.0,
         kl_weight: float = 0.0,
         channels_last: bool = False,
+        compile: bool = False,
+        compile_kwargs: Optional[dict] = None,
         planted: Optional[dict[str, list[str]]] = None,
         planted_by: Optional[dict[str, str]] = None,
         planted_weight: float = 1.0,
@@ -116,6 +124,10 @@ class LitClassifier(L.LightningModule):
         self.model = create_model(model, num_classes=num_classes, in_channels=in_channels, **(model_kwargs or {}))
         if channels_last:
             self.model.to(memory_format=torch.channels_last)  # 4-D parameters (conv weights); others unchanged
+        if compile_kwargs and not compile:
+            raise ValueError("compile_kwargs are set but compile is false; set model.init_args.compile: true")
+        if compile:
+            self.model.compile(**dict(compile_kwargs or {}))  # compiled at the first forward pass
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         self.train_acc = MulticlassAccuracy(num_classes, top_k=1)

@@ -297,3 +297,17 @@ def test_readme_torchrun_commands_parse(monkeypatch, capsys):
         assert exit_info.value.code in (0, None)
         printed = yaml.safe_load(capsys.readouterr().out)
         assert printed["trainer"]["strategy"] == "ddp"
+
+
+def test_ddp_with_a_compiled_backbone_trains_dissects_and_checkpoints(ddp_run, tmp_path):
+    # the default backend (inductor) in both processes; the uncompiled run of the fixture is the yardstick
+    _train_py(tmp_path, "fit", "--config", QUICK, *DATA, *DDP, "--trainer.max_epochs", "1",
+              "--model.init_args.compile", "true", *_run_dir(tmp_path, "compiled"))
+    compiled, plain = _tables(tmp_path / "compiled", 0), _tables(ddp_run / "full", 0)
+    assert {k: len(v) for k, v in compiled.items()} == {k: len(v) for k, v in plain.items()}
+    row = _val_row(tmp_path / "compiled", 0)
+    assert all(float(row[k]) == float(row[k]) for k in VAL_KEYS)  # logged and not NaN
+    assert abs(float(row["val/loss"]) - float(_val_row(ddp_run / "full", 0)["val/loss"])) < 0.5
+    ckpt = torch.load(next((tmp_path / "compiled").glob("version_0/checkpoints/last.ckpt")), weights_only=False)
+    state = torch.load(next((ddp_run / "full").glob("version_0/checkpoints/last.ckpt")), weights_only=False)
+    assert list(ckpt["state_dict"]) == list(state["state_dict"])  # the same keys as an uncompiled run
