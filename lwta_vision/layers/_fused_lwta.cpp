@@ -1,8 +1,9 @@
 // Fused LWTA forward and backward for CPU tensors (built on first use by lwta_vision/layers/fused.py).
 //
 // A contiguous tensor is seen as (R, U, I): R rows of blocks, U competitors, I inner positions
-// (I = H*W for a conv map with competition along channels, 1 for tokens). Channels-last maps have their own
-// loop over blocks of U adjacent values, drawing the same noise as the contiguous layout.
+// (I = H*W for a conv map with competition along channels). Channels-last maps and inputs competing along their
+// innermost axis (I = 1: tokens, vectors) have their own loop over blocks of U adjacent values, drawing the same
+// noise as the contiguous layout.
 // One pass reads x, draws the noise from a counter-based hash of (seed, row, position) and writes y; only
 // x and the seed are kept for backward, which draws the same noise again. The reference layer
 // (lwta_vision.layers.lwta) saves x, the softmax and the winner mask instead and runs a dozen passes.
@@ -34,12 +35,23 @@ LWTA_INLINE uint32_t mix32(uint32_t x) {
   return x;
 }
 
-// one 32-bit key per row of blocks, from the 64-bit seed (splitmix64 finaliser)
-LWTA_INLINE uint32_t row_key(uint64_t seed, int64_t row) {
-  uint64_t z = seed + 0x9E3779B97F4A7C15ull * (uint64_t)(row + 1);
+// the call's 64-bit seed, mixed once (splitmix64 finaliser) into two 32-bit halves
+struct Key {
+  uint32_t a, b;
+};
+
+LWTA_INLINE Key make_key(uint64_t seed) {
+  uint64_t z = seed + 0x9E3779B97F4A7C15ull;
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return (uint32_t)(z ^ (z >> 31));
+  z ^= z >> 31;
+  return Key{(uint32_t)z, (uint32_t)(z >> 32)};
+}
+
+// one 32-bit key per row of blocks: two rounds of the bijective mixer, so rows less than 2^32 apart never share a
+// key; 32-bit operations only, so a loop over rows vectorises
+LWTA_INLINE uint32_t row_key(Key key, uint64_t row) {
+  return mix32(mix32((uint32_t)row ^ key.a) ^ ((uint32_t)(row >> 32) + key.b));
 }
 
 // uniform in (0, 1) on the 2^-24 grid shifted by half a step: never 0 or 1, so every log below is finite
@@ -114,14 +126,14 @@ LWTA_INLINE void noisy_chunk(const T* xr, const Shape& sh, uint32_t key, int64_t
 }
 
 template <typename T>
-void forward_general(const T* x, T* y, const Shape& sh, uint64_t seed) {
+void forward_general(const T* x, T* y, const Shape& sh, Key seed) {
   const int64_t I = sh.inner, U = sh.u;
   at::parallel_for(0, sh.rows, 1, [&](int64_t r0, int64_t r1) {
     std::vector<float> z(U * kChunk);
     float best[kChunk];
     int32_t arg[kChunk];
     for (int64_t r = r0; r < r1; ++r) {
-      const uint32_t key = row_key(seed, r);
+      const uint32_t key = row_key(seed, (uint64_t)r);
       const T* xr = x + r * U * I;
       T* yr = y + r * U * I;
       for (int64_t i0 = 0; i0 < I; i0 += kChunk) {
@@ -140,7 +152,7 @@ void forward_general(const T* x, T* y, const Shape& sh, uint64_t seed) {
 
 // grad_x = grad * hard + (1 / tau) * soft * (grad * x - sum_j soft_j grad_j x_j), soft = softmax(z / tau)
 template <typename T>
-void backward_general(const T* g, const T* x, T* gx, const Shape& sh, uint64_t seed) {
+void backward_general(const T* g, const T* x, T* gx, const Shape& sh, Key seed) {
   const int64_t I = sh.inner, U = sh.u;
   const float inv_tau = sh.inv_tau;
   at::parallel_for(0, sh.rows, 1, [&](int64_t r0, int64_t r1) {
@@ -148,7 +160,7 @@ void backward_general(const T* g, const T* x, T* gx, const Shape& sh, uint64_t s
     float best[kChunk], sum[kChunk], dot[kChunk];
     int32_t arg[kChunk];
     for (int64_t r = r0; r < r1; ++r) {
-      const uint32_t key = row_key(seed, r);
+      const uint32_t key = row_key(seed, (uint64_t)r);
       const int64_t off = r * U * I;
       for (int64_t i0 = 0; i0 < I; i0 += kChunk) {
         const int64_t n = std::min(kChunk, I - i0);
@@ -189,11 +201,11 @@ void backward_general(const T* g, const T* x, T* gx, const Shape& sh, uint64_t s
 
 // U = 2: unit 0 wins iff (x0 - x1) + s * L > 0 with one Logistic(0, 1) draw per block
 template <typename T>
-void forward_pair(const T* x, T* y, const Shape& sh, uint64_t seed) {
+void forward_pair(const T* x, T* y, const Shape& sh, Key seed) {
   const int64_t I = sh.inner;
   at::parallel_for(0, sh.rows, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const uint32_t key = row_key(seed, r);
+      const uint32_t key = row_key(seed, (uint64_t)r);
       const T* x0 = x + r * 2 * I;
       const T* x1 = x0 + I;
       T* y0 = y + r * 2 * I;
@@ -210,12 +222,12 @@ void forward_pair(const T* x, T* y, const Shape& sh, uint64_t seed) {
 }
 
 template <typename T>
-void backward_pair(const T* g, const T* x, T* gx, const Shape& sh, uint64_t seed) {
+void backward_pair(const T* g, const T* x, T* gx, const Shape& sh, Key seed) {
   const int64_t I = sh.inner;
   const float inv_tau = sh.inv_tau, scale = sh.scale;
   at::parallel_for(0, sh.rows, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const uint32_t key = row_key(seed, r);
+      const uint32_t key = row_key(seed, (uint64_t)r);
       const int64_t off = r * 2 * I;
       const T* __restrict__ x0 = x + off;
       const T* __restrict__ x1 = x0 + I;
@@ -242,81 +254,147 @@ void backward_pair(const T* g, const T* x, T* gx, const Shape& sh, uint64_t seed
   });
 }
 
-// Channels-last maps (N, C, H, W with C innermost in memory): memory holds (N, HW, B, U), each block U adjacent
-// values. The noise is indexed by the logical (row n * B + b, position k * HW + hw) as in the contiguous path,
-// so a seed gives the same sample whatever the memory format.
+// Blocks of U adjacent values, memory order (N, HW, B, U): channels-last maps (B = C / U, HW = H * W) and
+// inputs whose competition axis is innermost (tokens, vectors: N = HW = 1, B = all blocks). Each block's row is
+// r = n * B + b and its values' positions j = k * HW + hw, the indices of the contiguous (rows, U, HW) layout,
+// so a seed draws the same noise whatever the memory format. Work goes by chunks of consecutive blocks in
+// memory; for U > 2 they are transposed into (U, chunk) float buffers so that the loops over blocks vectorise.
+// memory blocks [m0, m0 + count): each one's row key and position hw (counters, not divisions, per block)
+LWTA_INLINE int64_t block_keys(int64_t m0, int64_t total, int64_t HW, int64_t B, Key seed, uint32_t* keys,
+                               uint32_t* hws) {
+  const int64_t count = std::min(kChunk, total - m0);
+  int64_t b = m0 % B, hw = (m0 / B) % HW, n = m0 / (B * HW);
+  for (int64_t i = 0; i < count; ++i) {
+    keys[i] = row_key(seed, (uint64_t)(n * B + b));
+    hws[i] = (uint32_t)hw;
+    if (++b == B) {
+      b = 0;
+      if (++hw == HW) { hw = 0; ++n; }
+    }
+  }
+  return count;
+}
+
+// the noisy logits of a transposed chunk: z[k][i] = xt[k][i] + s * g, the max and the winner (first on ties)
+LWTA_INLINE void noisy_blocks(const float* xt, const uint32_t* keys, const uint32_t* hws, const Shape& sh,
+                              int64_t HW, int64_t count, float* z, float* best, int32_t* arg) {
+  for (int64_t k = 0; k < sh.u; ++k) {
+    const uint32_t jk = (uint32_t)(k * HW);
+    const float* xk = xt + k * kChunk;
+    float* zk = z + k * kChunk;
+    #pragma GCC ivdep
+    for (int64_t i = 0; i < count; ++i) {
+      float v = xk[i] + sh.scale * gumbel(keys[i], jk + hws[i]);
+      zk[i] = v;
+      if (k == 0) { best[i] = v; arg[i] = 0; }
+      else {
+        bool gt = v > best[i];
+        best[i] = gt ? v : best[i];
+        arg[i] = gt ? (int32_t)k : arg[i];
+      }
+    }
+  }
+}
+
 template <typename T>
-void forward_cl(const T* x, T* y, const Shape& sh, uint64_t seed, int64_t B) {
-  const int64_t U = sh.u, HW = sh.inner;
-  at::parallel_for(0, sh.rows, 64, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {  // memory block m = (n * HW + hw) * B + b
-      const int64_t b = m % B, hw = (m / B) % HW, n = m / (B * HW);
-      const uint32_t key = row_key(seed, n * B + b);
-      const T* xb = x + m * U;
-      T* yb = y + m * U;
-      if (U == 2) {
-        float s = ((float)xb[0] - (float)xb[1]) + sh.scale * logistic(key, (uint32_t)hw);
-        bool w0 = s > 0.0f;
-        yb[0] = w0 ? xb[0] : (T)0.0f;
-        yb[1] = w0 ? (T)0.0f : xb[1];
+void forward_blocks(const T* x, T* y, const Shape& sh, Key seed, int64_t N, int64_t HW, int64_t B) {
+  const int64_t U = sh.u, total = N * HW * B, chunks = (total + kChunk - 1) / kChunk;
+  at::parallel_for(0, chunks, 1, [&](int64_t w0, int64_t w1) {
+    std::vector<float> xt(U * kChunk), z(U * kChunk);
+    uint32_t keys[kChunk], hws[kChunk];
+    float best[kChunk];
+    int32_t arg[kChunk];
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t count = block_keys(w * kChunk, total, HW, B, seed, keys, hws);
+      const T* xc = x + w * kChunk * U;
+      T* yc = y + w * kChunk * U;
+      if (U == 2) {  // pairs read in place (stride-2 loads vectorise); larger U goes through a transposed buffer
+        #pragma GCC ivdep
+        for (int64_t i = 0; i < count; ++i) {
+          const T a = xc[2 * i], b = xc[2 * i + 1];
+          float s = ((float)a - (float)b) + sh.scale * logistic(keys[i], hws[i]);
+          bool w0 = s > 0.0f;
+          yc[2 * i] = w0 ? a : (T)0.0f;
+          yc[2 * i + 1] = w0 ? (T)0.0f : b;
+        }
         continue;
       }
-      float best = 0.0f;
-      int64_t arg = 0;
-      for (int64_t k = 0; k < U; ++k) {
-        float v = (float)xb[k] + sh.scale * gumbel(key, (uint32_t)(k * HW + hw));
-        if (k == 0 || v > best) { best = v; arg = k; }
-      }
-      for (int64_t k = 0; k < U; ++k) yb[k] = k == arg ? xb[k] : (T)0.0f;
+      for (int64_t i = 0; i < count; ++i)
+        for (int64_t k = 0; k < U; ++k) xt[k * kChunk + i] = (float)xc[i * U + k];
+      noisy_blocks(xt.data(), keys, hws, sh, HW, count, z.data(), best, arg);
+      for (int64_t i = 0; i < count; ++i)
+        for (int64_t k = 0; k < U; ++k) yc[i * U + k] = arg[i] == k ? xc[i * U + k] : (T)0.0f;
     }
   });
 }
 
 template <typename T>
-void backward_cl(const T* g, const T* x, T* gx, const Shape& sh, uint64_t seed, int64_t B) {
-  const int64_t U = sh.u, HW = sh.inner;
-  const float inv_tau = sh.inv_tau;
-  at::parallel_for(0, sh.rows, 64, [&](int64_t m0, int64_t m1) {
-    std::vector<float> z(U);
-    for (int64_t m = m0; m < m1; ++m) {
-      const int64_t b = m % B, hw = (m / B) % HW, n = m / (B * HW);
-      const uint32_t key = row_key(seed, n * B + b);
-      const T* xb = x + m * U;
-      const T* gb = g + m * U;
-      T* ob = gx + m * U;
+void backward_blocks(const T* g, const T* x, T* gx, const Shape& sh, Key seed, int64_t N, int64_t HW, int64_t B) {
+  const int64_t U = sh.u, total = N * HW * B, chunks = (total + kChunk - 1) / kChunk;
+  const float inv_tau = sh.inv_tau, scale = sh.scale;
+  at::parallel_for(0, chunks, 1, [&](int64_t w0, int64_t w1) {
+    std::vector<float> xt(U * kChunk), gt(U * kChunk), z(U * kChunk);
+    uint32_t keys[kChunk], hws[kChunk];
+    float best[kChunk], sum[kChunk], dot[kChunk];
+    int32_t arg[kChunk];
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t n = block_keys(w * kChunk, total, HW, B, seed, keys, hws);
+      const int64_t base = w * kChunk * U;
       if (U == 2) {
-        float a = (float)xb[0], c1 = (float)xb[1], ga = (float)gb[0], g1 = (float)gb[1];
-        float s = (a - c1) + sh.scale * logistic(key, (uint32_t)hw);
-        bool w0 = s > 0.0f;
-        float t = s * inv_tau;
-        float e = exp_nonpos(t > 0.0f ? -t : t);
-        float p = 1.0f / (1.0f + e);
-        float soft0 = t > 0.0f ? p : 1.0f - p;
-        float c = (ga * a - g1 * c1) * (soft0 * (1.0f - soft0)) * inv_tau;
-        ob[0] = (T)((w0 ? ga : 0.0f) + c);
-        ob[1] = (T)((w0 ? 0.0f : g1) - c);
+        const T* __restrict__ xc = x + base;
+        const T* __restrict__ gc = g + base;
+        T* __restrict__ oc = gx + base;
+        #pragma GCC ivdep
+        for (int64_t i = 0; i < n; ++i) {
+          float a = (float)xc[2 * i], b = (float)xc[2 * i + 1], ga = (float)gc[2 * i], gb = (float)gc[2 * i + 1];
+          float s = (a - b) + scale * logistic(keys[i], hws[i]);
+          bool w0 = s > 0.0f;
+          float t = s * inv_tau;
+          float e = exp_nonpos(t > 0.0f ? -t : t);
+          float p = 1.0f / (1.0f + e);
+          float soft0 = t > 0.0f ? p : 1.0f - p;
+          float cc = (ga * a - gb * b) * (soft0 * (1.0f - soft0)) * inv_tau;
+          oc[2 * i] = (T)((w0 ? ga : 0.0f) + cc);
+          oc[2 * i + 1] = (T)((w0 ? 0.0f : gb) - cc);
+        }
         continue;
       }
-      float best = 0.0f;
-      int64_t arg = 0;
-      for (int64_t k = 0; k < U; ++k) {
-        float v = (float)xb[k] + sh.scale * gumbel(key, (uint32_t)(k * HW + hw));
-        z[k] = v;
-        if (k == 0 || v > best) { best = v; arg = k; }
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t k = 0; k < U; ++k) {
+          xt[k * kChunk + i] = (float)x[base + i * U + k];
+          gt[k * kChunk + i] = (float)g[base + i * U + k];
+        }
+      noisy_blocks(xt.data(), keys, hws, sh, HW, n, z.data(), best, arg);
+      {
+        #pragma GCC ivdep
+        for (int64_t i = 0; i < n; ++i) { sum[i] = 0.0f; dot[i] = 0.0f; }
+        for (int64_t k = 0; k < U; ++k) {
+          float* zk = z.data() + k * kChunk;
+          const float* xk = xt.data() + k * kChunk;
+          const float* gk = gt.data() + k * kChunk;
+          #pragma GCC ivdep
+          for (int64_t i = 0; i < n; ++i) {
+            float e = exp_nonpos((zk[i] - best[i]) * inv_tau);
+            zk[i] = e;
+            sum[i] += e;
+            dot[i] += e * (gk[i] * xk[i]);
+          }
+        }
+        #pragma GCC ivdep
+        for (int64_t i = 0; i < n; ++i) { sum[i] = 1.0f / sum[i]; dot[i] *= sum[i]; }
+        for (int64_t k = 0; k < U; ++k) {
+          float* zk = z.data() + k * kChunk;
+          const float* xk = xt.data() + k * kChunk;
+          const float* gk = gt.data() + k * kChunk;
+          #pragma GCC ivdep
+          for (int64_t i = 0; i < n; ++i) {
+            float gi = gk[i];
+            zk[i] = (arg[i] == k ? gi : 0.0f) + inv_tau * (zk[i] * sum[i]) * (gi * xk[i] - dot[i]);
+          }
+        }
       }
-      float sum = 0.0f, dot = 0.0f;
-      for (int64_t k = 0; k < U; ++k) {
-        float e = exp_nonpos((z[k] - best) * inv_tau);
-        z[k] = e;
-        sum += e;
-        dot += e * ((float)gb[k] * (float)xb[k]);
-      }
-      const float inv = 1.0f / sum;
-      dot *= inv;
-      for (int64_t k = 0; k < U; ++k) {
-        float gi = (float)gb[k];
-        ob[k] = (T)((k == arg ? gi : 0.0f) + inv_tau * (z[k] * inv) * (gi * (float)xb[k] - dot));
-      }
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t k = 0; k < U; ++k) gx[base + i * U + k] = (T)z[k * kChunk + i];
     }
   });
 }
@@ -342,12 +420,11 @@ at::Tensor forward(const at::Tensor& x, int64_t seed, int64_t competitors, int64
   LWTA_DISPATCH(x.scalar_type(), "lwta_forward", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    if (cl_blocks > 0) {
-      Shape blocks = sh;
-      blocks.rows = x.numel() / competitors;
-      forward_cl(xp, yp, blocks, (uint64_t)seed, cl_blocks);
-    } else if (competitors == 2) forward_pair(xp, yp, sh, (uint64_t)seed);
-    else forward_general(xp, yp, sh, (uint64_t)seed);
+    const Key key = make_key((uint64_t)seed);
+    if (cl_blocks > 0) forward_blocks(xp, yp, sh, key, sh.rows / cl_blocks, inner, cl_blocks);
+    else if (inner == 1) forward_blocks(xp, yp, sh, key, 1, 1, sh.rows);
+    else if (competitors == 2) forward_pair(xp, yp, sh, key);
+    else forward_general(xp, yp, sh, key);
   });
   return y;
 }
@@ -362,12 +439,11 @@ at::Tensor backward(const at::Tensor& grad, const at::Tensor& x, int64_t seed, i
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* op = gx.mutable_data_ptr<scalar_t>();
-    if (cl_blocks > 0) {
-      Shape blocks = sh;
-      blocks.rows = x.numel() / competitors;
-      backward_cl(gp, xp, op, blocks, (uint64_t)seed, cl_blocks);
-    } else if (competitors == 2) backward_pair(gp, xp, op, sh, (uint64_t)seed);
-    else backward_general(gp, xp, op, sh, (uint64_t)seed);
+    const Key key = make_key((uint64_t)seed);
+    if (cl_blocks > 0) backward_blocks(gp, xp, op, sh, key, sh.rows / cl_blocks, inner, cl_blocks);
+    else if (inner == 1) backward_blocks(gp, xp, op, sh, key, 1, 1, sh.rows);
+    else if (competitors == 2) backward_pair(gp, xp, op, sh, key);
+    else backward_general(gp, xp, op, sh, key);
   });
   return gx;
 }
@@ -376,12 +452,13 @@ at::Tensor backward(const at::Tensor& grad, const at::Tensor& x, int64_t seed, i
 // value (shape (R, U * I)), or for U = 2 one Logistic(0, 1) per block (shape (R, I)). Unscaled; for the tests that feed the reference layer the same noise.
 at::Tensor noise(const at::Tensor& x, int64_t seed, int64_t competitors, int64_t inner) {
   Shape sh = shape_of(x, competitors, inner, 1.0, 1.0);
+  const Key key0 = make_key((uint64_t)seed);
   const int64_t per_row = competitors == 2 ? inner : competitors * inner;
   at::Tensor out = at::empty({sh.rows, per_row}, x.options().dtype(at::kFloat));
   float* o = out.mutable_data_ptr<float>();
   at::parallel_for(0, sh.rows, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const uint32_t key = row_key((uint64_t)seed, r);
+      const uint32_t key = row_key(key0, (uint64_t)r);
       for (int64_t j = 0; j < per_row; ++j)
         o[r * per_row + j] = competitors == 2 ? logistic(key, (uint32_t)j) : gumbel(key, (uint32_t)j);
     }

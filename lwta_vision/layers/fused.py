@@ -48,6 +48,13 @@ def _flags() -> list[str]:
 def _build():
     from torch.utils import cpp_extension
 
+    try:  # the ninja that installs with the package, also when the venv's bin/ is not on PATH
+        import ninja
+
+        if ninja.BIN_DIR not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
     cap = torch.backends.cpu.get_cpu_capability().lower()
     return cpp_extension.load(
         name=f"lwta_vision_fused_{cap}", sources=[str(_SOURCE)], extra_cflags=_flags(),

@@ -124,6 +124,11 @@ def folder(tmp_path):
      "model 'convnet_small': ConvNet.__init__() got an unexpected keyword argument 'widht' (check model_kwargs"),
     ("batch size zero", ["--data.init_args.batch_size", "0"], "batch_size must be positive, got 0"),
     ("negative batch size", ["--data.init_args.batch_size", "-4"], "batch_size must be positive, got -4"),
+    ("compile options without compile", ["--model.init_args.compile_kwargs", '{"mode": "max-autotune"}'],
+     "compile_kwargs are set but compile is false; set model.init_args.compile: true"),
+    ("unknown LWTA implementation",
+     ["--model.init_args.model_kwargs", '{"act": "lwta", "act_kwargs": {"competitors": 4, "impl": "cuda"}}'],
+     "LWTA impl must be one of ('auto', 'fused', 'reference'), got 'cuda'"),
 ])
 def test_train_bad_model_or_data_arguments(case, args, expect, tmp_path, capsys):
     err = _train_error(_quick(tmp_path, *args), capsys)
