@@ -7,17 +7,18 @@
 Networks: ResNet-18 with the CIFAR stem (32x32, batch 128, SGD) and the small Fashion-MNIST CNN conv32-conv64-fc256
 (28x28x1, batch 128, Adam; benchmarks/fmnist_accuracy.py's CNN48 at those widths); ``vit_tiny`` (32x32, patch 4)
 for the GPU suite. Variants of each: ReLU eager and compiled; LWTA at each U with the reference layer
-(``impl="reference"``), the fused kernel (``impl="auto"``, eager) and the fused kernel compiled.
+(``impl="reference"``), the fused kernel (``impl="auto"``, eager) and the fused kernel compiled (on CUDA, where
+the fused kernel does not run, the reference eager and compiled).
 
 Timing: every variant runs one step per round, in turn, for ``--rounds`` rounds after warm-up, so machine
 drift hits all alike; the median step per variant is reported. **Targets** (issue 15) compare each side in its
-fastest mode: LWTA/ReLU = min over LWTA's modes / min over ReLU's (eager, compiled); at most 1.10 for U=2 and
+fastest mode: LWTA/ReLU = min over LWTA's modes / min over ReLU's (eager, compiled), medians of the rounds; at most 1.10 for U=2 and
 1.25 for U=16 on ResNet-18, 1.3 on the small CNN. The compiled/eager ReLU ratio says what compiling buys.
 
 Memory (``--memory``, on by default for CPU): each eager variant runs in a fresh process (large allocations
 returned to the OS at once) and reports the peak resident memory a training step adds on top of the model, its
 gradients and optimizer state (measured on the second step), and the bytes autograd keeps for backward (exact,
-from saved-tensor hooks). On CUDA: ``max_memory_allocated`` over the step. Target: LWTA/ReLU at most 1.2.
+from saved-tensor hooks). On CUDA: ``max_memory_allocated`` over the step, in this process. Target: LWTA/ReLU at most 1.2.
 """
 from __future__ import annotations
 
@@ -102,11 +103,13 @@ def variants_of(model: str, args) -> list[tuple[str, int, str, bool]]:
     out = [("relu", 1, "auto", False)]
     if args.compile:
         out.append(("relu", 1, "auto", True))
+    cpu = torch.device(args.device).type == "cpu"
     for u in args.competitors:
         out.append(("lwta", u, "reference", False))
-        out.append(("lwta", u, "auto", False))
+        if cpu:  # the fused kernel is CPU-only: on CUDA "auto" is the reference
+            out.append(("lwta", u, "auto", False))
         if args.compile:
-            out.append(("lwta", u, "auto", True))
+            out.append(("lwta", u, "auto" if cpu else "reference", True))
     return out
 
 
@@ -158,12 +161,31 @@ def measure_memory(model: str, variants, args) -> dict[str, dict]:
             continue
         spec = {"model": model, "act": act, "competitors": u, "impl": impl,
                 "args": {k: getattr(args, k) for k in ("device", "batch_size", "channels_last", "precision")}}
+        if torch.device(args.device).type == "cuda":  # the allocator's own peak: no fresh process needed
+            res[label(act, u, impl, False)] = memory_probe(spec)
+            continue
         proc = subprocess.run([sys.executable, __file__, "--memory-probe", json.dumps(spec)], env=env,
                               capture_output=True, text=True, timeout=600)
         if proc.returncode:
             raise RuntimeError(f"memory probe failed for {spec}:\n{proc.stderr[-3000:]}")
         res[label(act, u, impl, False)] = json.loads(proc.stdout.strip().splitlines()[-1])
     return res
+
+
+def profile_groups(v: "Variant", steps: int = 3) -> dict[str, float]:
+    """Seconds per step by kind of op (torch.profiler self time): convolutions, the LWTA op, compiled graphs
+    (inductor's fused kernels), BatchNorm, the rest."""
+    with torch.profiler.profile() as prof:
+        for _ in range(steps):
+            v.step()
+    groups: dict[str, float] = {}
+    for e in prof.key_averages():
+        k = e.key
+        g = ("convolution" if "convolution" in k else "lwta op" if "lwta" in k else
+             "compiled graphs" if "CompiledFxGraph" in k or k.startswith("cpp_fused") else
+             "batch_norm" if "batch_norm" in k else "other")
+        groups[g] = groups.get(g, 0.0) + e.self_cpu_time_total / 1e6 / steps
+    return groups
 
 
 def run_model(model: str, args) -> dict:
@@ -182,7 +204,7 @@ def run_model(model: str, args) -> dict:
     relu_best = min(relu_modes.values())
     summary = {}
     for u in args.competitors:
-        modes = {k: t for k, t in med.items() if k.startswith(f"lwta U={u} fused")}
+        modes = {k: t for k, t in med.items() if k.startswith(f"lwta U={u} ")}
         best = min(modes.values())
         summary[u] = {"ratio": best / relu_best, "lwta_mode": min(modes, key=modes.get),
                       "relu_mode": min(relu_modes, key=relu_modes.get),
@@ -192,6 +214,8 @@ def run_model(model: str, args) -> dict:
            "warmup_s": warm}
     if args.compile:
         out["relu_compiled_over_eager"] = med["relu compiled"] / med["relu eager"]
+    if args.profile:
+        out["profile_s_per_step"] = {v.name: profile_groups(v) for v in vs}
     if args.memory:
         out["memory"] = measure_memory(model, specs, args)
     return out
@@ -213,6 +237,9 @@ def report(res: dict, args) -> None:
         verdict = "" if tgt is None else f"  target <= {tgt:.2f}: {'met' if s['ratio'] <= tgt else 'MISSED'}"
         print(f"LWTA U={u} / ReLU, fastest mode each ({s['lwta_mode']} / {s['relu_mode']}): {s['ratio']:.3f}"
               f"{verdict}   (reference layer: {s['reference_ratio']:.3f})")
+    for name, groups in res.get("profile_s_per_step", {}).items():
+        print(f"profile {name}: " + ", ".join(f"{k} {t:.3f}" for k, t in sorted(groups.items()))
+              + f" (s/step, total {sum(groups.values()):.3f})")
     mem = res.get("memory")
     if mem:
         r = mem["relu eager"]
@@ -221,9 +248,9 @@ def report(res: dict, args) -> None:
             print(f"{k:<32}{m['step_peak_mib']:>16.0f}{m['step_peak_mib'] / r['step_peak_mib']:>9.3f}"
                   f"{m['saved_mib']:>21.0f}{m['saved_mib'] / r['saved_mib']:>9.3f}")
         for u in args.competitors:
-            m = mem[f"lwta U={u} fused eager"]
-            ratio = m["step_peak_mib"] / r["step_peak_mib"]
-            print(f"memory LWTA U={u} fused / ReLU: {ratio:.3f}  target <= {MEMORY_TARGET}: "
+            name = min((k for k in mem if k.startswith(f"lwta U={u} ")), key=lambda k: mem[k]["step_peak_mib"])
+            ratio = mem[name]["step_peak_mib"] / r["step_peak_mib"]
+            print(f"memory {name} / ReLU: {ratio:.3f}  target <= {MEMORY_TARGET}: "
                   f"{'met' if ratio <= MEMORY_TARGET else 'MISSED'}")
 
 
@@ -240,6 +267,8 @@ def main() -> None:
                     help="also time torch.compile'd variants (default on)")
     ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
                     help="measure step memory in fresh processes (default: on for CPU and CUDA)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile each variant: seconds per step by kind of op (what dominates)")
     ap.add_argument("--out", help="write every timing and figure to this JSON file")
     ap.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -248,15 +277,15 @@ def main() -> None:
         return
     args.memory = True if args.memory is None else args.memory
     results = []
+    meta = {"device": args.device, "precision": args.precision, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "batch_size": args.batch_size, "channels_last": args.channels_last}
     for model in args.models:
         res = run_model(model, args)
         report(res, args)
         results.append(res)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        meta = {"device": args.device, "precision": args.precision, "threads": torch.get_num_threads(),
-                "torch": torch.__version__, "batch_size": args.batch_size, "channels_last": args.channels_last}
-        Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+        if args.out:  # after every model, so a run cut short keeps what it measured
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
 
 
 if __name__ == "__main__":

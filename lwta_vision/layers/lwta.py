@@ -7,6 +7,9 @@ the Gumbel-softmax relaxation (straight-through hard one-hot by default), with t
 ``noise_scale`` (0.1: see ``LWTA`` for why); evaluation either samples ("sample", as DISCOVER's code does) or
 takes the argmax (deterministic, our default).
 
+Speed: on CPU tensors a hard training sample runs the fused kernel of ``fused.py`` (one pass each way, only the
+input kept for backward); the torch ops below are the reference it is tested against and the path everywhere else.
+
 Mixed precision: under bf16/fp16 (autocast or half inputs) the competition itself (noise, relaxed softmax, the
 winner) is computed in float32, and only the output, ``x`` times the one-hot winner, has the input's dtype.
 Adding Gumbel noise in bf16 (8 significant bits) would round nearby noisy logits to ties and hand those blocks

@@ -164,10 +164,11 @@ def test_a_failed_build_warns_once_and_the_reference_runs(monkeypatch):
 
 
 @needs_kernel
-def test_compiled_graph_keeps_the_op_and_draws_a_new_sample_each_call():
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_graph_keeps_the_op_and_draws_a_new_sample_each_call(backend):
     torch._dynamo.reset()
     layer = LWTA(4, dim=1)
-    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)  # fullgraph: no graph break
+    compiled = torch.compile(layer, backend=backend, fullgraph=True)  # fullgraph: no graph break
     x = torch.randn(4, 16, 5, 5, requires_grad=True)
     a, b = compiled(x), compiled(x)
     assert not torch.equal(a, b)
