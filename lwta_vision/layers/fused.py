@@ -18,8 +18,10 @@ noise again instead of storing it; it keeps x and the seed only.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -46,8 +48,13 @@ def _flags() -> list[str]:
 
 
 def _build():
-    from torch.utils import cpp_extension
-
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)  # its import warns about CUDA_HOME on CPU-only machines: not ours to show
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        log.setLevel(level)
     try:  # the ninja that installs with the package, also when the venv's bin/ is not on PATH
         import ninja
 
@@ -55,9 +62,16 @@ def _build():
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     except ImportError:
         pass
-    cap = torch.backends.cpu.get_cpu_capability().lower()
+    name = f"lwta_vision_fused_{torch.backends.cpu.get_cpu_capability().lower()}"
+    try:  # announce a first build (about 30 s), which would otherwise look like a hang
+        folder = Path(cpp_extension._get_build_directory(name, verbose=False))
+        if not (folder / f"{name}.so").exists():
+            print(f"lwta_vision: building the fused LWTA kernel in {folder} (once per machine and torch version, "
+                  f"about 30 s)", file=sys.stderr, flush=True)
+    except Exception:  # a private helper of torch; the notice is optional
+        pass
     return cpp_extension.load(
-        name=f"lwta_vision_fused_{cap}", sources=[str(_SOURCE)], extra_cflags=_flags(),
+        name=name, sources=[str(_SOURCE)], extra_cflags=_flags(),
         extra_ldflags=["-fopenmp"], verbose=False,
     )
 
