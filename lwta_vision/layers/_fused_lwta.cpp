@@ -16,6 +16,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -60,31 +61,32 @@ LWTA_INLINE float uniform(uint32_t key, uint32_t j) {
   return (float)(int32_t)(h >> 8) * 5.9604644775390625e-08f + 2.98023223876953125e-08f;
 }
 
-// logf for positive normal x (musl's algorithm, < 1 ulp), written without branches
+// logf for positive normal x (musl's algorithm, < 1 ulp), written without branches; explicit fmaf, the same
+// instruction in vector and scalar code, so the noise is the same wherever it is drawn
 LWTA_INLINE float log_pos(float x) {
   uint32_t ix = as_bits(x) - 0x3f3504f3u;  // so that the mantissa lands in [sqrt(1/2), sqrt(2))
   float k = (float)((int32_t)ix >> 23);
   float f = as_float((ix & 0x007fffffu) + 0x3f3504f3u) - 1.0f;
   float s = f / (2.0f + f);
   float z = s * s, w = z * z;
-  float t1 = w * (0.40000972152f + w * 0.24279078841f);
-  float t2 = z * (0.66666662693f + w * 0.28498786688f);
+  float t1 = w * std::fma(w, 0.24279078841f, 0.40000972152f);
+  float t2 = z * std::fma(w, 0.28498786688f, 0.66666662693f);
   float r = t2 + t1, hfsq = 0.5f * f * f;
-  return k * 6.9313812256e-01f - ((hfsq - (s * (hfsq + r) + k * 9.0580006145e-06f)) - f);
+  return std::fma(k, 6.9313812256e-01f, -((hfsq - std::fma(s, hfsq + r, k * 9.0580006145e-06f)) - f));
 }
 
 // expf for x <= 0 (Cephes polynomial, ~1 ulp); flushes to 0 below -87
 LWTA_INLINE float exp_nonpos(float x) {
   x = x < -87.0f ? -87.0f : x;
   float kf = (x * 1.44269504089f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
-  float r = (x - kf * 0.693359375f) - kf * -2.12194440e-4f;
+  float r = std::fma(kf, 2.12194440e-4f, std::fma(kf, -0.693359375f, x));
   float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  p = std::fma(p, r, 1.3981999507e-3f);
+  p = std::fma(p, r, 8.3334519073e-3f);
+  p = std::fma(p, r, 4.1665795894e-2f);
+  p = std::fma(p, r, 1.6666665459e-1f);
+  p = std::fma(p, r, 5.0000001201e-1f);
+  p = std::fma(p * r, r, r) + 1.0f;
   float scaled = as_float((uint32_t)((int32_t)kf + 127) << 23);
   float y = p * scaled;
   return x <= -87.0f ? 0.0f : y;

