@@ -32,7 +32,7 @@ part() {  # part CAP TITLE -- command...
   local cap="$1" title="$2"
   shift 3
   echo "== $title" | tee -a "$RES"
-  timeout "$cap" "$@" 2>&1 | tee -a "$RES"
+  timeout -k 15 "$cap" "$@" 2>&1 | tee -a "$RES"
   local rc=${PIPESTATUS[0]}
   [ "$rc" = 0 ] || echo "part '$title' failed or timed out (exit $rc, cap ${cap}s)" | tee -a "$RES"
 }

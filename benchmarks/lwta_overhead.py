@@ -15,9 +15,9 @@ drift hits all alike; the median step per variant is reported. **Targets** (issu
 fastest mode: LWTA/ReLU = min over LWTA's modes / min over ReLU's (eager, compiled), medians of the rounds; at most 1.10 for U=2 and
 1.25 for U=16 on ResNet-18, 1.3 on the small CNN. The compiled/eager ReLU ratio says what compiling buys.
 
-Memory (``--memory``, on by default for CPU): each eager variant runs in a fresh process (large allocations
-returned to the OS at once) and reports the peak resident memory a training step adds on top of the model, its
-gradients and optimizer state (measured on the second step), and the bytes autograd keeps for backward (exact,
+Memory (``--memory``, on by default): each eager variant runs in a fresh process (large allocations returned to
+the OS at once) and reports the peak resident memory a training step adds on top of the model and its optimizer
+state (measured on the second step; gradients are freed before it, so they count in the step), and the bytes autograd keeps for backward (exact,
 from saved-tensor hooks). On CUDA: ``max_memory_allocated`` over the step, in this process. Target: LWTA/ReLU at most 1.2.
 """
 from __future__ import annotations
@@ -268,7 +268,8 @@ def main() -> None:
     ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
                     help="measure step memory in fresh processes (default: on for CPU and CUDA)")
     ap.add_argument("--profile", action="store_true",
-                    help="also profile each variant: seconds per step by kind of op (what dominates)")
+                    help="also profile each variant: seconds per step by kind of op (what dominates; CPU-side "
+                         "time only, so on CUDA it shows launch overhead, not kernel time)")
     ap.add_argument("--out", help="write every timing and figure to this JSON file")
     ap.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -9,7 +9,8 @@
 // (lwta_vision.layers.lwta) saves x, the softmax and the winner mask instead and runs a dozen passes.
 //
 // Compiled with -ffp-contract=off so that x + s * g rounds as the reference's separate torch ops do: the
-// winner is then the same for the same noise, bit for bit (tests/layers/test_fused.py). Inner loops are
+// winner is then the same for the same noise and the output the same bits, losers' signed zeros included
+// (tests/layers/test_fused.py). Inner loops are
 // branch-free over I (and marked ivdep: x, y and the gradients never overlap) so that the compiler
 // vectorises them, log and exp included (musl/Cephes polynomials,
 // within 1-2 ulp of libm).
@@ -55,10 +56,12 @@ LWTA_INLINE uint32_t row_key(Key key, uint64_t row) {
   return mix32(mix32((uint32_t)row ^ key.a) ^ ((uint32_t)(row >> 32) + key.b));
 }
 
-// uniform in (0, 1) on the 2^-24 grid shifted by half a step: never 0 or 1, so every log below is finite
+// uniform on the odd multiples of 2^-24, 2^-24 .. 1 - 2^-24: all exact in float, never 0 or 1, so every log below
+// is finite and the noise bounded (|Gumbel|, |Logistic| <= 16.7). (Shifting the 2^-24 grid by half a step
+// instead rounds its top value up to 1.0.)
 LWTA_INLINE float uniform(uint32_t key, uint32_t j) {
   uint32_t h = mix32((j * 0x9E3779B9u) ^ key);
-  return (float)(int32_t)(h >> 8) * 5.9604644775390625e-08f + 2.98023223876953125e-08f;
+  return (float)(int32_t)((h >> 8) | 1u) * 5.9604644775390625e-08f;
 }
 
 // logf for positive normal x (musl's algorithm, < 1 ulp), written without branches; explicit fmaf, the same
@@ -145,7 +148,7 @@ void forward_general(const T* x, T* y, const Shape& sh, Key seed) {
           const T* xk = xr + k * I + i0;
           T* yk = yr + k * I + i0;
           #pragma GCC ivdep
-          for (int64_t i = 0; i < n; ++i) yk[i] = arg[i] == k ? xk[i] : (T)0.0f;
+          for (int64_t i = 0; i < n; ++i) yk[i] = arg[i] == k ? xk[i] : (T)((float)xk[i] * 0.0f);
         }
       }
     }
@@ -216,8 +219,8 @@ void forward_pair(const T* x, T* y, const Shape& sh, Key seed) {
       for (int64_t i = 0; i < I; ++i) {
         float s = ((float)x0[i] - (float)x1[i]) + sh.scale * logistic(key, (uint32_t)i);
         bool w0 = s > 0.0f;
-        y0[i] = w0 ? x0[i] : (T)0.0f;
-        y1[i] = w0 ? (T)0.0f : x1[i];
+        y0[i] = w0 ? x0[i] : (T)((float)x0[i] * 0.0f);  // a loser is x * 0, signed zero as in the reference
+        y1[i] = w0 ? (T)((float)x1[i] * 0.0f) : x1[i];
       }
     }
   });
@@ -316,8 +319,8 @@ void forward_blocks(const T* x, T* y, const Shape& sh, Key seed, int64_t N, int6
           const T a = xc[2 * i], b = xc[2 * i + 1];
           float s = ((float)a - (float)b) + sh.scale * logistic(keys[i], hws[i]);
           bool w0 = s > 0.0f;
-          yc[2 * i] = w0 ? a : (T)0.0f;
-          yc[2 * i + 1] = w0 ? (T)0.0f : b;
+          yc[2 * i] = w0 ? a : (T)((float)a * 0.0f);
+          yc[2 * i + 1] = w0 ? (T)((float)b * 0.0f) : b;
         }
         continue;
       }
@@ -325,7 +328,7 @@ void forward_blocks(const T* x, T* y, const Shape& sh, Key seed, int64_t N, int6
         for (int64_t k = 0; k < U; ++k) xt[k * kChunk + i] = (float)xc[i * U + k];
       noisy_blocks(xt.data(), keys, hws, sh, HW, count, z.data(), best, arg);
       for (int64_t i = 0; i < count; ++i)
-        for (int64_t k = 0; k < U; ++k) yc[i * U + k] = arg[i] == k ? xc[i * U + k] : (T)0.0f;
+        for (int64_t k = 0; k < U; ++k) yc[i * U + k] = arg[i] == k ? xc[i * U + k] : (T)((float)xc[i * U + k] * 0.0f);
     }
   });
 }

@@ -5,8 +5,8 @@ each a trip through memory, and it keeps x, the softmax and the winner mask for 
 (``_fused_lwta.cpp``) draws its noise from a counter-based hash of a 64-bit seed, so backward draws the same
 noise again instead of storing it; it keeps x and the seed only.
 
-- Same function: for the same noise (``noise_for``) the forward equals the reference exactly and the gradients
-  agree to float rounding (tests/layers/test_fused.py). The seed comes from torch's generator, so
+- Same function: for the same noise (``noise_for``) the forward equals the reference bit for bit (NaN inputs
+  aside) and the gradients agree to float rounding (tests/layers/test_fused.py). The seed comes from torch's generator, so
   ``torch.manual_seed`` still makes a run reproducible; the draws differ from the reference's, the
   distribution does not.
 - Built on first use with the compiler torch's C++ extensions use (g++ and ninja), once per machine and torch
@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import sys
 import threading
 import warnings
@@ -44,7 +45,7 @@ def _flags() -> list[str]:
     cap = torch.backends.cpu.get_cpu_capability()  # what torch's own kernels use on this CPU
     if cap in ("AVX2", "AVX512"):  # the name of the build says which, so a shared cache never loads the wrong one
         flags += ["-mavx2", "-mfma", "-mf16c"]
-    if cap == "AVX512":  # 16 lanes: U=16 forward+backward 57 -> 41 ms on a 128x64x32x32 map (AMD EPYC, 2 threads)
+    if cap == "AVX512":  # 16 lanes: alone, U=16 forward+backward 57 -> 41 ms on 128x64x32x32 (AMD EPYC, 2 threads)
         flags += ["-mavx512f", "-mavx512vl", "-mavx512dq", "-mavx512bw", "-mprefer-vector-width=512"]
     return flags
 
@@ -64,7 +65,8 @@ def _build():
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     except ImportError:
         pass
-    name = f"lwta_vision_fused_{torch.backends.cpu.get_cpu_capability().lower()}"
+    # "AVX2", "AVX512", or "NO AVX", "Z VECTOR", ...: an identifier either way
+    name = "lwta_vision_fused_" + re.sub(r"\W", "_", torch.backends.cpu.get_cpu_capability().lower())
     try:  # announce a first build (about 30 s), which would otherwise look like a hang
         folder = Path(cpp_extension._get_build_directory(name, verbose=False))
         if not (folder / f"{name}.so").exists():
@@ -103,6 +105,20 @@ def unavailable_reason() -> Optional[str]:
     return _error
 
 
+def _require():
+    ext = extension()
+    if ext is None:
+        raise RuntimeError(f"the fused LWTA kernel is not available here ({_error}); use impl='reference'")
+    return ext
+
+
+def ready() -> bool:
+    """Whether the kernel is loaded, without building it: inside ``torch.compile`` tracing a first build would
+    break the graph at every layer, so ``lwta()`` then takes the reference (``LitClassifier(compile=True)``
+    builds the kernel before compiling)."""
+    return _ext is not None
+
+
 def enabled() -> bool:
     """Whether the fused path may be used (``LWTA_VISION_FUSED`` not set to 0)."""
     return os.environ.get("LWTA_VISION_FUSED", "1").strip().lower() not in ("0", "false", "no", "off")
@@ -127,7 +143,7 @@ def layout(x: Tensor, competitors: int, dim: int) -> Optional[tuple[int, int]]:
 @torch.library.custom_op("lwta_vision::lwta_fused", mutates_args=())
 def _forward_op(x: Tensor, seed: Tensor, competitors: int, inner: int, cl_blocks: int, noise_scale: float,
                 temperature: float) -> Tensor:
-    return extension().forward(x, int(seed), competitors, inner, cl_blocks, noise_scale, temperature)
+    return _require().forward(x, int(seed), competitors, inner, cl_blocks, noise_scale, temperature)
 
 
 @_forward_op.register_fake
@@ -138,7 +154,7 @@ def _(x, seed, competitors, inner, cl_blocks, noise_scale, temperature):
 @torch.library.custom_op("lwta_vision::lwta_fused_backward", mutates_args=())
 def _backward_op(grad: Tensor, x: Tensor, seed: Tensor, competitors: int, inner: int, cl_blocks: int,
                  noise_scale: float, temperature: float) -> Tensor:
-    return extension().backward(grad, x, int(seed), competitors, inner, cl_blocks, noise_scale, temperature)
+    return _require().backward(grad, x, int(seed), competitors, inner, cl_blocks, noise_scale, temperature)
 
 
 @_backward_op.register_fake
@@ -181,8 +197,11 @@ def noise_for(x: Tensor, competitors: int, dim: int, seed: Tensor) -> Tensor:
     """The unscaled noise ``lwta_fused`` draws for ``seed``, in the logical order of ``x`` (whatever its memory
     format): Gumbel(0, 1) of ``x``'s shape, or for U = 2 one Logistic(0, 1) per block (``x`` with ``dim``
     halved), as ``lwta(..., noise=)`` takes it."""
-    inner, _ = layout(x, competitors, dim)
-    flat = extension().noise(x, int(seed), competitors, inner)
+    fits = layout(x, competitors, dim)
+    if fits is None:
+        raise ValueError(f"fused LWTA takes contiguous or channels-last CPU tensors of "
+                         f"{', '.join(map(str, _DTYPES))}; got {x.dtype} on {x.device}, strides {x.stride()}")
+    flat = _require().noise(x, int(seed), competitors, fits[0])
     dim = dim % x.ndim
     shape = x.shape if competitors != 2 else x.shape[:dim] + (x.shape[dim] // 2,) + x.shape[dim + 1:]
     return flat.reshape(shape)

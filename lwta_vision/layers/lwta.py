@@ -212,13 +212,19 @@ def lwta(
         from lwta_vision.layers import fused
 
         fits = fused.enabled() and fused.layout(x, competitors, dim) is not None
-        if fits and fused.extension() is not None:
+        # never a first build inside torch.compile tracing (it would break the graph at every layer)
+        built = fits and (fused.ready() or (not torch.compiler.is_compiling() and fused.extension() is not None))
+        if built:
             return fused.lwta_fused(x, competitors, dim, temperature, noise_scale, generator=generator)
         if impl == "fused":
-            why = fused.unavailable_reason() or (
-                "LWTA_VISION_FUSED=0" if not fused.enabled() else
-                f"it takes contiguous or channels-last CPU tensors of {', '.join(map(str, fused._DTYPES))}, got "
-                f"a {x.dtype} tensor on {x.device} with strides {x.stride()}")
+            if not fused.enabled():
+                why = "LWTA_VISION_FUSED=0"
+            elif not fits:
+                why = (f"it takes contiguous or channels-last CPU tensors of {', '.join(map(str, fused._DTYPES))}, "
+                       f"got a {x.dtype} tensor on {x.device} with strides {x.stride()}")
+            else:
+                why = fused.unavailable_reason() or ("it is not built yet and this is torch.compile tracing; call "
+                                                     "lwta_vision.layers.fused.extension() before compiling")
             raise ValueError(f"LWTA impl='fused' cannot run here: {why}; use impl='auto' to fall back to the "
                              f"reference")
     elif impl == "fused":

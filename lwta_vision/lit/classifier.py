@@ -127,6 +127,11 @@ class LitClassifier(L.LightningModule):
         if compile_kwargs and not compile:
             raise ValueError("compile_kwargs are set but compile is false; set model.init_args.compile: true")
         if compile:
+            if lwta_modules(self.model):  # build the fused kernel now: a first build inside tracing breaks graphs
+                from lwta_vision.layers import fused
+
+                if fused.enabled():
+                    fused.extension()
             self.model.compile(**dict(compile_kwargs or {}))  # compiled at the first forward pass
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
