@@ -14,7 +14,7 @@
 #   2. (30) soft-WPMI alone against CLIP-Dissect's dense formulation (same inputs), on this machine's CPU.
 #   3. (120) LWTA training-step overhead on CUDA, fp32: ResNet-18 (CIFAR) and ViT-Tiny, ReLU vs LWTA U=2, 16,
 #      eager and compiled, with peak memory (max_memory_allocated).
-#   4. (120) the same in bf16 (autocast).
+#   4. (120) the same in bf16 (autocast) and channels-last (tensor cores' layout); part 3 is contiguous.
 #   5. (45) CLIP image-encoding throughput, ViT-B/16 at 224 px: fp32, bf16, fp16.
 # A part that fails or runs past its cap is marked in results.txt and the next one runs; the LWTA benchmark writes
 # its JSON after each network, so a part cut short keeps the networks it finished (ResNet-18 first).
@@ -43,10 +43,10 @@ part 100 "1. dissection at scale (ResNet-50, 5 layers, 10k x 224 px, 20k concept
 part 30 "2. soft-WPMI alone, CPU side by side" -- \
   "$PY" benchmarks/soft_wpmi_scale.py --sizes 20000x2048x20000 --threads "$(nproc)"
 part 120 "3. LWTA overhead, CUDA fp32 (ResNet-18, ViT-Tiny; eager and compiled)" -- \
-  "$PY" benchmarks/lwta_overhead.py --device cuda --precision fp32 --models resnet18 vit_tiny --rounds 9 \
+  "$PY" benchmarks/lwta_overhead.py --device cuda --precision fp32 --models resnet18 vit_tiny --rounds 9 --layouts contiguous \
   --out "$OUT/lwta_overhead_fp32.json"
 part 120 "4. LWTA overhead, CUDA bf16 autocast (ResNet-18, ViT-Tiny; eager and compiled)" -- \
-  "$PY" benchmarks/lwta_overhead.py --device cuda --precision bf16 --models resnet18 vit_tiny --rounds 9 \
+  "$PY" benchmarks/lwta_overhead.py --device cuda --precision bf16 --models resnet18 vit_tiny --rounds 9 --layouts channels-last \
   --out "$OUT/lwta_overhead_bf16.json"
 part 45 "5. CLIP image-encoding throughput (ViT-B/16, 224 px)" -- \
   "$PY" benchmarks/clip_throughput.py --device cuda --model ViT-B-16 --images 4096 --batch-size 256 \

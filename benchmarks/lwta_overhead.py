@@ -6,19 +6,22 @@
 
 Networks: ResNet-18 with the CIFAR stem (32x32, batch 128, SGD) and the small Fashion-MNIST CNN conv32-conv64-fc256
 (28x28x1, batch 128, Adam; benchmarks/fmnist_accuracy.py's CNN48 at those widths); ``vit_tiny`` (32x32, patch 4)
-for the GPU suite. Variants of each: ReLU eager and compiled; LWTA at each U with the reference layer
-(``impl="reference"``), the fused kernel (``impl="auto"``, eager) and the fused kernel compiled (on CUDA, where
-the fused kernel does not run, the reference eager and compiled).
+for the GPU suite. Variants of each, in both memory formats (contiguous and channels-last, ``cl``; ``--layouts``):
+ReLU eager and compiled; LWTA at each U with the reference layer (``impl="reference"``), the fused kernel
+(``impl="auto"``, eager) and the fused kernel compiled (on CUDA, where the fused kernel does not run, the
+reference eager and compiled).
 
 Timing: every variant runs one step per round, in turn, for ``--rounds`` rounds after warm-up, so machine
 drift hits all alike; the median step per variant is reported. **Targets** (issue 15) compare each side in its
-fastest mode: LWTA/ReLU = min over LWTA's modes / min over ReLU's (eager, compiled), medians of the rounds; at most 1.10 for U=2 and
-1.25 for U=16 on ResNet-18, 1.3 on the small CNN. The compiled/eager ReLU ratio says what compiling buys.
+fastest mode: LWTA/ReLU = min over LWTA's modes / min over ReLU's (eager or compiled, either layout), medians of
+the rounds; at most 1.10 for U=2 and 1.25 for U=16 on ResNet-18, 1.3 on the small CNN. The compiled/eager ReLU
+ratio says what compiling buys.
 
-Memory (``--memory``, on by default): each eager variant runs in a fresh process (large allocations returned to
-the OS at once) and reports the peak resident memory a training step adds on top of the model and its optimizer
-state (measured on the second step; gradients are freed before it, so they count in the step), and the bytes autograd keeps for backward (exact,
-from saved-tensor hooks). On CUDA: ``max_memory_allocated`` over the step, in this process. Target: LWTA/ReLU at most 1.2.
+Memory (``--memory``, on by default): each eager variant of the first layout runs in a fresh process (large
+allocations returned to the OS at once) and reports the peak resident memory a training step adds on top of the
+model and its optimizer state (measured on the second step; gradients are freed before it, so they count in the
+step), and the bytes autograd keeps for backward (exact, from saved-tensor hooks). On CUDA:
+``max_memory_allocated`` over the step, in this process. Target: LWTA/ReLU at most 1.2.
 """
 from __future__ import annotations
 
@@ -59,20 +62,20 @@ def build(model: str, act: str, competitors: int, impl: str) -> tuple[torch.nn.M
     raise SystemExit(f"unknown model {model!r}: resnet18, cnn or vit_tiny")
 
 
-def label(act: str, competitors: int, impl: str, compiled: bool) -> str:
+def label(act: str, competitors: int, impl: str, compiled: bool, cl: bool = False) -> str:
     name = "relu" if act == "relu" else f"lwta U={competitors} {'reference' if impl == 'reference' else 'fused'}"
-    return name + (" compiled" if compiled else " eager")
+    return name + (" compiled" if compiled else " eager") + (" cl" if cl else "")
 
 
 class Variant:
-    def __init__(self, model: str, act: str, competitors: int, impl: str, compiled: bool, args):
-        self.name = label(act, competitors, impl, compiled)
+    def __init__(self, model: str, act: str, competitors: int, impl: str, compiled: bool, cl: bool, args):
+        self.name = label(act, competitors, impl, compiled, cl)
         self.act, self.competitors, self.impl, self.compiled = act, competitors, impl, compiled
         self.dev = torch.device(args.device)
         torch.manual_seed(0)
         net, shape, opt = build(model, act, competitors, impl)
         self.net = net.to(self.dev)
-        if args.channels_last:
+        if cl:
             self.net = self.net.to(memory_format=torch.channels_last)
         if compiled:
             self.net.compile()
@@ -80,7 +83,7 @@ class Variant:
                     else torch.optim.Adam(self.net.parameters(), lr=1e-3))
         g = torch.Generator().manual_seed(1)
         self.x = torch.randn(args.batch_size, *shape, generator=g).to(self.dev)
-        if args.channels_last and self.x.ndim == 4:
+        if cl and self.x.ndim == 4:
             self.x = self.x.contiguous(memory_format=torch.channels_last)
         self.y = torch.randint(0, 10, (args.batch_size,), generator=g).to(self.dev)
         self.bf16 = args.precision == "bf16"
@@ -99,17 +102,20 @@ class Variant:
         return time.perf_counter() - t0
 
 
-def variants_of(model: str, args) -> list[tuple[str, int, str, bool]]:
-    out = [("relu", 1, "auto", False)]
-    if args.compile:
-        out.append(("relu", 1, "auto", True))
+def variants_of(model: str, args) -> list[tuple[str, int, str, bool, bool]]:
+    """(act, U, impl, compiled, channels-last) for every variant, in both layouts unless --layouts says one."""
+    out = []
     cpu = torch.device(args.device).type == "cpu"
-    for u in args.competitors:
-        out.append(("lwta", u, "reference", False))
-        if cpu:  # the fused kernel is CPU-only: on CUDA "auto" is the reference
-            out.append(("lwta", u, "auto", False))
+    for cl in [layout == "channels-last" for layout in args.layouts]:
+        out.append(("relu", 1, "auto", False, cl))
         if args.compile:
-            out.append(("lwta", u, "auto" if cpu else "reference", True))
+            out.append(("relu", 1, "auto", True, cl))
+        for u in args.competitors:
+            out.append(("lwta", u, "reference", False, cl))
+            if cpu:  # the fused kernel is CPU-only: on CUDA "auto" is the reference
+                out.append(("lwta", u, "auto", False, cl))
+            if args.compile:
+                out.append(("lwta", u, "auto" if cpu else "reference", True, cl))
     return out
 
 
@@ -124,7 +130,7 @@ def _rss_kib(field: str) -> int:
 def memory_probe(spec: dict) -> dict:
     """Runs in a fresh process: the peak a training step adds (second step), and the bytes saved for backward."""
     args = argparse.Namespace(**spec["args"])
-    v = Variant(spec["model"], spec["act"], spec["competitors"], spec["impl"], False, args)
+    v = Variant(spec["model"], spec["act"], spec["competitors"], spec["impl"], False, spec["cl"], args)
     v.step()  # optimizer state and allocator warm
     saved: dict[int, int] = {}
 
@@ -156,19 +162,20 @@ def memory_probe(spec: dict) -> dict:
 def measure_memory(model: str, variants, args) -> dict[str, dict]:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     res = {}
-    for act, u, impl, compiled in variants:
-        if compiled:
+    first = args.layouts[0] == "channels-last"
+    for act, u, impl, compiled, cl in variants:
+        if compiled or cl != first:  # eager variants of the first layout (the memory formats need the same)
             continue
-        spec = {"model": model, "act": act, "competitors": u, "impl": impl,
-                "args": {k: getattr(args, k) for k in ("device", "batch_size", "channels_last", "precision")}}
+        spec = {"model": model, "act": act, "competitors": u, "impl": impl, "cl": cl,
+                "args": {k: getattr(args, k) for k in ("device", "batch_size", "precision")}}
         if torch.device(args.device).type == "cuda":  # the allocator's own peak: no fresh process needed
-            res[label(act, u, impl, False)] = memory_probe(spec)
+            res[label(act, u, impl, False, cl)] = memory_probe(spec)
             continue
         proc = subprocess.run([sys.executable, __file__, "--memory-probe", json.dumps(spec)], env=env,
                               capture_output=True, text=True, timeout=600)
         if proc.returncode:
             raise RuntimeError(f"memory probe failed for {spec}:\n{proc.stderr[-3000:]}")
-        res[label(act, u, impl, False)] = json.loads(proc.stdout.strip().splitlines()[-1])
+        res[label(act, u, impl, False, cl)] = json.loads(proc.stdout.strip().splitlines()[-1])
     return res
 
 
@@ -208,12 +215,15 @@ def run_model(model: str, args) -> dict:
         best = min(modes.values())
         summary[u] = {"ratio": best / relu_best, "lwta_mode": min(modes, key=modes.get),
                       "relu_mode": min(relu_modes, key=relu_modes.get),
-                      "reference_ratio": med[f"lwta U={u} reference eager"] / relu_best,
+                      "reference_ratio": min(t for k, t in med.items()
+                                             if k.startswith(f"lwta U={u} reference")) / relu_best,
                       "target": TARGETS.get((model, u))}
     out = {"model": model, "median_s": med, "rounds": {v.name: v.times for v in vs}, "summary": summary,
            "warmup_s": warm}
     if args.compile:
-        out["relu_compiled_over_eager"] = med["relu compiled"] / med["relu eager"]
+        out["relu_compiled_over_eager"] = {
+            layout: med[f"relu compiled{sfx}"] / med[f"relu eager{sfx}"]
+            for layout, sfx in (("contiguous", ""), ("channels-last", " cl")) if f"relu eager{sfx}" in med}
     if args.profile:
         out["profile_s_per_step"] = {v.name: profile_groups(v) for v in vs}
     if args.memory:
@@ -223,15 +233,16 @@ def run_model(model: str, args) -> dict:
 
 def report(res: dict, args) -> None:
     model = res["model"]
-    base = res["median_s"]["relu eager"]
+    base = next(t for k, t in res["median_s"].items() if k.startswith("relu eager"))
     print(f"\n{model}, batch {args.batch_size}, {args.device}, {args.precision}"
-          f"{', channels-last' if args.channels_last else ''}, torch {torch.__version__}, "
+          f", layouts {' + '.join(args.layouts)} (cl: channels-last), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {args.rounds} rounds (median), warm-up/compile {res['warmup_s']:.0f} s")
-    print(f"{'variant':<32}{'median step (s)':>16}{'vs relu eager':>15}")
+    print(f"{'variant':<32}{'median step (s)':>16}{'vs ' + next(iter(res['median_s'])):>20}")
     for k, t in res["median_s"].items():
-        print(f"{k:<32}{t:>16.3f}{t / base:>15.3f}")
-    if "relu_compiled_over_eager" in res:
-        print(f"compiled ReLU / eager ReLU: {res['relu_compiled_over_eager']:.3f}")
+        print(f"{k:<32}{t:>16.3f}{t / base:>20.3f}")
+    if res.get("relu_compiled_over_eager"):
+        print("compiled ReLU / eager ReLU: " + ", ".join(f"{k} {v:.3f}" for k, v in
+                                                     res["relu_compiled_over_eager"].items()))
     for u, s in res["summary"].items():
         tgt = s["target"]
         verdict = "" if tgt is None else f"  target <= {tgt:.2f}: {'met' if s['ratio'] <= tgt else 'MISSED'}"
@@ -242,7 +253,7 @@ def report(res: dict, args) -> None:
               + f" (s/step, total {sum(groups.values()):.3f})")
     mem = res.get("memory")
     if mem:
-        r = mem["relu eager"]
+        r = next(m for k, m in mem.items() if k.startswith("relu"))
         print(f"{'memory (eager)':<32}{'step peak (MiB)':>16}{'vs relu':>9}{'saved for bwd (MiB)':>21}{'vs relu':>9}")
         for k, m in mem.items():
             print(f"{k:<32}{m['step_peak_mib']:>16.0f}{m['step_peak_mib'] / r['step_peak_mib']:>9.3f}"
@@ -262,7 +273,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7, help="timed rounds (one step of every variant each)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast")
-    ap.add_argument("--channels-last", action="store_true", help="every variant in channels-last")
+    ap.add_argument("--layouts", nargs="+", choices=["contiguous", "channels-last"],
+                    default=["contiguous", "channels-last"], help="memory formats to time (default both)")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                     help="also time torch.compile'd variants (default on)")
     ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
@@ -279,7 +291,7 @@ def main() -> None:
     args.memory = True if args.memory is None else args.memory
     results = []
     meta = {"device": args.device, "precision": args.precision, "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "batch_size": args.batch_size, "channels_last": args.channels_last}
+            "torch": torch.__version__, "batch_size": args.batch_size, "layouts": args.layouts}
     for model in args.models:
         res = run_model(model, args)
         report(res, args)
