@@ -102,6 +102,31 @@ LWTA_INLINE float logistic(uint32_t key, uint32_t j) {
   return log_pos(u / (1.0f - u));
 }
 
+// the running block max and its unit, first on ties (k = 0 starts the block)
+LWTA_INLINE void keep_max(float v, int64_t k, float& best, int32_t& arg) {
+  if (k == 0) {  // loop-invariant in the callers' inner loops: hoisted, the loops stay vectorised
+    best = v;
+    arg = 0;
+    return;
+  }
+  bool gt = v > best;
+  best = gt ? v : best;
+  arg = gt ? (int32_t)k : arg;
+}
+
+// U = 2 backward for one block: s = (a - b) + noise, unit 0 won iff s > 0; straight-through gradient plus the
+// relaxation's, soft0 = sigmoid(s / tau) computed as 1 / (1 + exp(-|t|)) mirrored, so exp's argument stays <= 0
+LWTA_INLINE void pair_grad(float a, float b, float ga, float gb, float s, float inv_tau, float& o0, float& o1) {
+  bool w0 = s > 0.0f;
+  float t = s * inv_tau;
+  float e = exp_nonpos(t > 0.0f ? -t : t);
+  float p = 1.0f / (1.0f + e);
+  float soft0 = t > 0.0f ? p : 1.0f - p;
+  float c = (ga * a - gb * b) * (soft0 * (1.0f - soft0)) * inv_tau;
+  o0 = (w0 ? ga : 0.0f) + c;
+  o1 = (w0 ? 0.0f : gb) - c;
+}
+
 struct Shape {
   int64_t rows, u, inner;
   float scale, inv_tau;
@@ -120,12 +145,7 @@ LWTA_INLINE void noisy_chunk(const T* xr, const Shape& sh, uint32_t key, int64_t
     for (int64_t i = 0; i < n; ++i) {
       float v = (float)xk[i] + sh.scale * gumbel(key, j0 + (uint32_t)i);
       zk[i] = v;
-      if (k == 0) { best[i] = v; arg[i] = 0; }
-      else {
-        bool gt = v > best[i];
-        best[i] = gt ? v : best[i];
-        arg[i] = gt ? (int32_t)k : arg[i];
-      }
+      keep_max(v, k, best[i], arg[i]);
     }
   }
 }
@@ -244,16 +264,10 @@ void backward_pair(const T* g, const T* x, T* gx, const Shape& sh, Key seed) {
       for (int64_t i = 0; i < I; ++i) {
         float a = (float)x0[i], b = (float)x1[i];
         float ga = (float)g0[i], gb = (float)g1[i];
-        float s = (a - b) + scale * logistic(key, (uint32_t)i);
-        bool w0 = s > 0.0f;
-        // sigmoid(t) = 1 / (1 + exp(-|t|)) mirrored for t < 0, so exp's argument stays <= 0
-        float t = s * inv_tau;
-        float e = exp_nonpos(t > 0.0f ? -t : t);
-        float p = 1.0f / (1.0f + e);
-        float soft0 = t > 0.0f ? p : 1.0f - p;
-        float c = (ga * a - gb * b) * (soft0 * (1.0f - soft0)) * inv_tau;
-        o0[i] = (T)((w0 ? ga : 0.0f) + c);
-        o1[i] = (T)((w0 ? 0.0f : gb) - c);
+        float r0, r1;
+        pair_grad(a, b, ga, gb, (a - b) + scale * logistic(key, (uint32_t)i), inv_tau, r0, r1);
+        o0[i] = (T)r0;
+        o1[i] = (T)r1;
       }
     }
   });
@@ -291,12 +305,7 @@ LWTA_INLINE void noisy_blocks(const float* xt, const uint32_t* keys, const uint3
     for (int64_t i = 0; i < count; ++i) {
       float v = xk[i] + sh.scale * gumbel(keys[i], jk + hws[i]);
       zk[i] = v;
-      if (k == 0) { best[i] = v; arg[i] = 0; }
-      else {
-        bool gt = v > best[i];
-        best[i] = gt ? v : best[i];
-        arg[i] = gt ? (int32_t)k : arg[i];
-      }
+      keep_max(v, k, best[i], arg[i]);
     }
   }
 }
@@ -352,15 +361,10 @@ void backward_blocks(const T* g, const T* x, T* gx, const Shape& sh, Key seed, i
         #pragma GCC ivdep
         for (int64_t i = 0; i < n; ++i) {
           float a = (float)xc[2 * i], b = (float)xc[2 * i + 1], ga = (float)gc[2 * i], gb = (float)gc[2 * i + 1];
-          float s = (a - b) + scale * logistic(keys[i], hws[i]);
-          bool w0 = s > 0.0f;
-          float t = s * inv_tau;
-          float e = exp_nonpos(t > 0.0f ? -t : t);
-          float p = 1.0f / (1.0f + e);
-          float soft0 = t > 0.0f ? p : 1.0f - p;
-          float cc = (ga * a - gb * b) * (soft0 * (1.0f - soft0)) * inv_tau;
-          oc[2 * i] = (T)((w0 ? ga : 0.0f) + cc);
-          oc[2 * i + 1] = (T)((w0 ? 0.0f : gb) - cc);
+          float r0, r1;
+          pair_grad(a, b, ga, gb, (a - b) + scale * logistic(keys[i], hws[i]), inv_tau, r0, r1);
+          oc[2 * i] = (T)r0;
+          oc[2 * i + 1] = (T)r1;
         }
         continue;
       }
