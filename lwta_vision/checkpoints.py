@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from lwta_vision.models import create_model
+from lwta_vision.models import backbone_kwargs, create_model
 
 
 class CheckpointError(ValueError):
@@ -69,6 +69,9 @@ def load_network(
         hp["model"] = model
     if model_kwargs is not None:
         hp["model_kwargs"] = model_kwargs
+        for key in ("act", "act_kwargs"):  # given with the architecture: it replaces the checkpoint's
+            if key in model_kwargs:
+                hp.pop(key, None)
     if num_classes is not None:
         hp["num_classes"] = num_classes
     if in_channels is not None:
@@ -79,7 +82,7 @@ def load_network(
             f"model_kwargs=..., num_classes=...) to load a plain state dict"
         )
     sd = _state_dict(ckpt)
-    kwargs = dict(hp.get("model_kwargs") or {})
+    kwargs = backbone_kwargs(hp.get("model_kwargs"), hp.get("act"), hp.get("act_kwargs"))
     if "num_classes" in hp:
         kwargs["num_classes"] = hp["num_classes"]
     if "in_channels" in hp:

@@ -14,10 +14,16 @@ import traceback
 from pathlib import Path
 from typing import Optional
 
+from jsonargparse import set_parsing_settings
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+
+try:  # Lightning >= 2.6
+    from lightning.pytorch.callbacks import WeightAveraging
+except ImportError:  # pragma: no cover - older Lightning: no weight averaging switch
+    WeightAveraging = None
 
 from lwta_vision.callbacks.checkpoint import LastModelCheckpoint
 from lwta_vision.callbacks.requeue import StepBoundaryRequeue
@@ -40,7 +46,9 @@ _CKPT_KEYWORDS = ("best", "last", "hpc", "registry")
 
 class LwtaCLI(LightningCLI):
     """Links the datamodule's ``num_classes``, ``in_channels`` and ``class_names`` into the model and adds an
-    always-on ``checkpoint`` (ModelCheckpoint on ``val/acc``, configurable as ``--checkpoint.*``).
+    always-on ``checkpoint`` (ModelCheckpoint on ``val/acc``, configurable as ``--checkpoint.*``), an optional
+    ``ema`` (Lightning's weight averaging, off unless set: ``--config configs/callbacks/ema.yaml``) and
+    ``weights_only: true`` for every ``--ckpt_path`` (a checkpoint never runs pickled code).
 
     Checks what would otherwise fail deep inside ``trainer.fit`` before anything is written: the output
     folders, ``--ckpt_path`` (readable, same architecture) and the dissection callback's layer paths. A run
@@ -65,6 +73,30 @@ class LwtaCLI(LightningCLI):
         )
         for attr in ("num_classes", "in_channels", "class_names"):
             parser.link_arguments(f"data.{attr}", f"model.init_args.{attr}", apply_on="instantiate")
+        if WeightAveraging is not None:
+            parser.add_argument("--ema", type=Optional[WeightAveraging], default=None,
+                                help="weight averaging (e.g. lightning.pytorch.callbacks.EMAWeightAveraging): "
+                                     "validation, dissection and checkpoints use the averaged weights")
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs):
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if "weights_only" in self._subcommand_method_arguments.get(subcommand, {}):
+            parser.set_defaults(weights_only=True)  # Lightning's default unpickles anything in the file
+        return parser
+
+    def instantiate_trainer(self, **kwargs):
+        """The ``ema`` callback joins the others after every NeuronDissection: it swaps the averaged weights in
+        at the start of validation and back at its end, so a dissection after it would see the raw weights."""
+        from lwta_vision.callbacks import NeuronDissection
+
+        ema = self._get(self.config_init, "ema") if WeightAveraging is not None else None
+        trainer = super().instantiate_trainer(**kwargs)
+        if ema is not None:
+            callbacks = trainer.callbacks
+            last_dissection = max((i for i, cb in enumerate(callbacks) if isinstance(cb, NeuronDissection)),
+                                  default=-1)
+            callbacks.insert(last_dissection + 1, ema)
+        return trainer
 
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
@@ -172,13 +204,17 @@ def check_output_dir(path, option: str) -> None:
 
 def cli_main(args: Optional[list[str]] = None, run: bool = True) -> LwtaCLI:
     """Entry point used by tests (``args`` as a list of strings); train.py calls :func:`main`."""
+    # interpolations name absolute keys (${trainer.max_epochs}) as in every Lightning config, not relative ones
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     return LwtaCLI(
         LitClassifier,
         subclass_mode_model=True,
         subclass_mode_data=True,
         trainer_defaults=TRAINER_DEFAULTS,
         # allow_abbrev=False: a typo such as --trainer.max_epoch is an error, not a silent prefix match
-        parser_kwargs={"parser_mode": "omegaconf", "allow_abbrev": False},
+        # omegaconf+: ${...} interpolations resolve after every --config and --flag is merged, so
+        # T_max: ${trainer.max_epochs} follows --trainer.max_epochs (plain "omegaconf" resolves each file alone)
+        parser_kwargs={"parser_mode": "omegaconf+", "allow_abbrev": False},
         save_config_callback=RunConfigCallback,  # config.yaml in the run's own folder, for every logger
         save_config_kwargs={"overwrite": True},
         args=args,

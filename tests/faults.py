@@ -40,3 +40,14 @@ class SignalAt(Callback):
     def on_train_batch_start(self, trainer, *args):
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGUSR1)
+
+
+class RaiseAt(Callback):
+    """Raise RuntimeError at global step ``step`` (a crash inside training, for checkpoint-on-exception)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, *args):
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"injected failure at step {self.step}")

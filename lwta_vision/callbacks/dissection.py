@@ -102,6 +102,7 @@ class NeuronDissection(Callback):
     # -- setup -------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         resolve_layers(_network(pl_module), self.layers + self.iou_layers)  # fail before training starts
+        _check_after_weight_averaging(trainer.callbacks, self)
         if self.probe is None:
             dm = trainer.datamodule
             if dm is None or not hasattr(dm, "probe_set"):
@@ -307,3 +308,19 @@ def _gather_records(trainer: L.Trainer, records, num_images: int, top_k: int):
                                       rec.spatial, g_ids[r][keep], g_win[r], g_inp[r], rec.positions))
         gathered[name] = merge_records(shards, top_k)
     return gathered
+
+
+def _check_after_weight_averaging(callbacks: list, dissection: "NeuronDissection") -> None:
+    """Weight averaging (EMA) swaps the averaged weights in when validation starts and back when it ends, in
+    callback order: a dissection listed after it would describe the raw weights while validation reports the
+    averaged ones. train.py's ``ema`` option places it correctly; a list built by hand is checked here."""
+    try:
+        from lightning.pytorch.callbacks import WeightAveraging
+    except ImportError:  # Lightning < 2.6 has none
+        return
+    mine = callbacks.index(dissection) if dissection in callbacks else -1
+    early = [type(cb).__name__ for cb in callbacks[:max(mine, 0)] if isinstance(cb, WeightAveraging)]
+    if early:
+        raise ValueError(f"{early[0]} comes before NeuronDissection in trainer.callbacks, so the dissection would "
+                         f"describe the raw weights, not the averaged ones; list it after NeuronDissection (or use "
+                         f"train.py's ema option, which does)")

@@ -7,13 +7,14 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lwta_vision.dissect.evaluate.planted import PLANT_MARGIN, PlantedUnit, assign_units, planted_loss
 from lwta_vision.layers import collect_lwta_stats, lwta_modules, win_entropy
-from lwta_vision.models import create_model
+from lwta_vision.models import backbone_kwargs, create_model
 
 
 class NonFiniteLossError(RuntimeError):
@@ -75,9 +76,14 @@ class LitClassifier(L.LightningModule):
 
     Args:
         model: registry name (see ``lwta_vision.models.list_models()``).
-        model_kwargs: backbone arguments, e.g. ``{"act": "lwta", "act_kwargs": {"competitors": 2}}``.
+        model_kwargs: backbone arguments, e.g. ``{"stem": "cifar"}``.
+        act, act_kwargs: the backbone's activation, e.g. ``"lwta"`` and ``{"competitors": 2}`` (merged into
+            ``model_kwargs``; separate so that an overlay such as ``configs/act/lwta_u2.yaml`` swaps only them).
         num_classes, in_channels, class_names: linked from the datamodule by the CLI.
-        optimizer, lr_scheduler: callables from the config (``class_path`` + ``init_args``).
+        optimizer, lr_scheduler: callables from the config (``class_path`` + ``init_args``). The shipped configs
+            set a schedule's length as ``${trainer.max_epochs}``, resolved after every override (train.py parses
+            in omegaconf+ mode). A resumed run keeps the length in its checkpoint; a warning says when a
+            schedule's length differs from ``trainer.max_epochs``.
         label_smoothing: cross-entropy label smoothing.
         kl_weight: weight of the KL(q || uniform) LWTA regulariser (0 = off, as in DISCOVER).
         channels_last: keep conv weights and 4-D input batches in ``torch.channels_last`` memory format
@@ -104,6 +110,8 @@ class LitClassifier(L.LightningModule):
         self,
         model: str = "convnet_small",
         model_kwargs: Optional[dict] = None,
+        act: Optional[str] = None,
+        act_kwargs: Optional[dict] = None,
         num_classes: int = 10,
         in_channels: int = 3,
         class_names: Optional[list[str]] = None,
@@ -121,7 +129,8 @@ class LitClassifier(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        self.model = create_model(model, num_classes=num_classes, in_channels=in_channels, **(model_kwargs or {}))
+        self.model = create_model(model, num_classes=num_classes, in_channels=in_channels,
+                                  **backbone_kwargs(model_kwargs, act, act_kwargs))
         if channels_last:
             self.model.to(memory_format=torch.channels_last)  # 4-D parameters (conv weights); others unchanged
         if compile_kwargs and not compile:
@@ -323,7 +332,31 @@ class LitClassifier(L.LightningModule):
         optimizer = self.optimizer_factory(self.parameters())
         if self.scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"}}
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def on_train_start(self) -> None:
+        """Say when the schedule ends elsewhere than at the last epoch: a run resumed with another
+        ``max_epochs`` keeps the length it started with, and a cosine past its ``T_max`` climbs back up."""
+        epochs = self.trainer.max_epochs
+        for config in self.trainer.lr_scheduler_configs:
+            length = _schedule_length(config.scheduler)
+            if length is not None and config.interval == "epoch" and epochs not in (None, -1) and length != epochs:
+                rank_zero_warn(f"the learning-rate schedule ({type(config.scheduler).__name__}) lasts {length} "
+                               f"epochs but trainer.max_epochs is {epochs}, so it does not end at the last epoch "
+                               f"(a resumed run keeps the length it started with; start a new run to change it)")
+
+
+# the length argument of epoch-based schedules (CosineAnnealingLR, OneCycleLR)
+_LENGTH_ARGS = ("T_max", "total_steps")
+
+
+def _schedule_length(scheduler) -> Optional[int]:
+    for name in _LENGTH_ARGS:
+        value = getattr(scheduler, name, None)
+        if isinstance(value, int):
+            return value
+    return None
 
 
 def _plain(value) -> bool:

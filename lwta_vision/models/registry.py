@@ -32,3 +32,19 @@ def create_model(name: str, **kwargs) -> nn.Module:
         return _MODELS[name](**kwargs)
     except TypeError as err:
         raise TypeError(f"model {name!r}: {err} (check model_kwargs in the config)") from None
+
+
+def backbone_kwargs(model_kwargs: dict | None = None, act: str | None = None,
+                    act_kwargs: dict | None = None) -> dict:
+    """``model_kwargs`` with the activation merged in. The activation is its own argument so that a config overlay
+    (``configs/act/*.yaml``) can swap it: stacked configs replace a whole dict, so an overlay setting
+    ``model_kwargs.act`` would drop the recipe's other backbone arguments."""
+    kwargs = dict(model_kwargs or {})
+    for key, value in (("act", act), ("act_kwargs", act_kwargs)):
+        if value is None:
+            continue
+        if kwargs.get(key) is not None and kwargs[key] != value:
+            raise ValueError(f"{key} is set twice, as model.init_args.{key}={value!r} and in model_kwargs "
+                             f"({kwargs[key]!r}); set it once, as model.init_args.{key}")
+        kwargs[key] = value
+    return kwargs

@@ -19,7 +19,7 @@ import torch
 from lwta_vision.checkpoints import read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL_NET = '{"widths": [8, 16, 32], "act": "lwta", "act_kwargs": {"competitors": 4}}'
+SMALL_NET = '{"widths": [8, 16, 32]}'  # LWTA U=4 as in the quickstart config
 STEPS = 12  # 3 epochs x 4 batches
 
 

@@ -25,7 +25,7 @@ from lwta_vision.cli import LwtaCLI, cli_main
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 ROOT = Path(__file__).resolve().parents[2]
 _INSTANTIATE_TRAINER = LwtaCLI._instantiate_trainer
-SMALL_NET = '{"widths": [8, 16, 32], "act": "lwta", "act_kwargs": {"competitors": 4}}'
+SMALL_NET = '{"widths": [8, 16, 32]}'  # LWTA U=4 as in the quickstart config
 
 
 class _Crash(Callback):

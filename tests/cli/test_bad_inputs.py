@@ -118,7 +118,7 @@ def folder(tmp_path):
 @pytest.mark.parametrize("case,args,expect", [
     ("unknown model", ["--model.init_args.model", "resnet-18"], "unknown model 'resnet-18' (did you mean resnet18"),
     ("competitors not dividing the width",
-     ["--model.init_args.model_kwargs", '{"widths": [32, 64, 128], "act": "lwta", "act_kwargs": {"competitors": 24}}'],
+     ["--model.init_args.act_kwargs", '{"competitors": 24}'],
      "LWTA: layer width 32 is not divisible by competitors=24; choose competitors dividing 32"),
     ("misspelled model_kwargs key", ["--model.init_args.model_kwargs", '{"widht": [8, 16, 32]}'],
      "model 'convnet_small': ConvNet.__init__() got an unexpected keyword argument 'widht' (check model_kwargs"),
@@ -127,8 +127,10 @@ def folder(tmp_path):
     ("compile options without compile", ["--model.init_args.compile_kwargs", '{"mode": "max-autotune"}'],
      "compile_kwargs are set but compile is false; set model.init_args.compile: true"),
     ("unknown LWTA implementation",
-     ["--model.init_args.model_kwargs", '{"act": "lwta", "act_kwargs": {"competitors": 4, "impl": "cuda"}}'],
+     ["--model.init_args.act_kwargs", '{"competitors": 4, "impl": "cuda"}'],
      "LWTA impl must be one of ('auto', 'fused', 'reference'), got 'cuda'"),
+    ("activation set twice", ["--model.init_args.model_kwargs", '{"widths": [8, 16], "act": "relu"}'],
+     "act is set twice, as model.init_args.act='lwta' and in model_kwargs ('relu'); set it once"),
 ])
 def test_train_bad_model_or_data_arguments(case, args, expect, tmp_path, capsys):
     err = _train_error(_quick(tmp_path, *args), capsys)
@@ -166,7 +168,7 @@ def test_train_cifar_files_missing(download, tmp_path, capsys, monkeypatch):
         raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
 
     monkeypatch.setattr(cifar.CIFAR10Files, "download", no_network)
-    args = ["fit", "--config", str(ROOT / "configs" / "cifar10_resnet18_relu.yaml"), *TRAINER, *_out(tmp_path),
+    args = ["fit", "--config", str(ROOT / "configs" / "cifar10_resnet18.yaml"), *TRAINER, *_out(tmp_path),
             "--data.init_args.data_dir", str(tmp_path / "cifar"), "--data.init_args.download", str(download).lower(),
             "--data.init_args.num_workers", "0", "--trainer.accelerator", "cpu", "--trainer.devices", "1"]
     err = _train_error(args, capsys)
@@ -189,7 +191,8 @@ def test_train_fashion_mnist_corrupt_idx_file(tmp_path, capsys):
         _write_idx(d / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
         _write_idx(d / f"{split}-labels-idx1-ubyte", rng.integers(0, 10, (n,)))
     _write_idx(d / "train-images-idx3-ubyte", rng.integers(0, 256, (20, 28, 28)), magic=b"PK\x03\x04")
-    args = ["fit", "--config", str(ROOT / "configs" / "fashion_mnist_lwta.yaml"), *_out(tmp_path),
+    args = ["fit", "--config", str(ROOT / "configs" / "fashion_mnist.yaml"),
+            "--config", str(ROOT / "configs" / "act" / "lwta_u4.yaml"), *_out(tmp_path),
             *TRAINER, "--data.init_args.data_dir", str(d), "--data.init_args.num_workers", "0",
             "--trainer.accelerator", "cpu", "--trainer.devices", "1"]
     err = _train_error(args, capsys)

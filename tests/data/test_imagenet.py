@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
 # a tiny LWTA CNN on 32x32 crops instead of the config's ResNet-50 on 224x224, on the CPU in fp32
 TINY_RUN = ["--model.init_args.model", "convnet_small",
-            "--model.init_args.model_kwargs", '{"widths": [8, 16], "act": "lwta", "act_kwargs": {"competitors": 2}}',
+            "--model.init_args.model_kwargs", '{"widths": [8, 16]}',
             "--data.init_args.image_size", "32", "--data.init_args.batch_size", "4", "--data.init_args.num_workers",
             "0", "--data.init_args.pin_memory", "false", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
             "--trainer.precision", "32-true", "--trainer.enable_progress_bar", "false",
@@ -172,7 +172,8 @@ def test_torchvision_layout_with_a_corrupt_devkit(tmp_path):
 
 
 def test_train_py_fast_dev_run_on_the_imagenet_config(tiny_imagenet, tmp_path):
-    cli = cli_main(["fit", "--config", str(CONFIGS / "imagenet_resnet50_lwta.yaml"), *TINY_RUN, *_out(tmp_path),
+    cli = cli_main(["fit", "--config", str(CONFIGS / "imagenet_resnet50.yaml"),
+                    "--config", str(CONFIGS / "act" / "lwta_u2.yaml"), *TINY_RUN, *_out(tmp_path),
                     "--data.init_args.data_dir", str(tiny_imagenet), "--trainer.fast_dev_run", "2"])
     assert cli.trainer.state.finished and cli.trainer.global_step == 2
     assert cli.model.hparams.num_classes == 3 and cli.model.class_names == list(NAMES)  # linked from the data
@@ -181,7 +182,7 @@ def test_train_py_fast_dev_run_on_the_imagenet_config(tiny_imagenet, tmp_path):
 
 def test_train_py_missing_imagenet_is_one_error_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        train_main(["fit", "--config", str(CONFIGS / "imagenet_resnet50_relu.yaml"), *TINY_RUN, *_out(tmp_path),
+        train_main(["fit", "--config", str(CONFIGS / "imagenet_resnet50.yaml"), *TINY_RUN, *_out(tmp_path),
                     "--data.init_args.data_dir", str(tmp_path / "no_imagenet"), "--trainer.fast_dev_run", "1"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
@@ -192,7 +193,8 @@ def test_train_py_missing_imagenet_is_one_error_line(tmp_path, capsys):
 
 
 def test_vit_configs_follow_the_deit_schedule():
-    cli = cli_main(["--config", str(CONFIGS / "imagenet_vit_small_lwta.yaml"), "--trainer.logger", "false",
+    cli = cli_main(["--config", str(CONFIGS / "imagenet_vit_small.yaml"),
+                    "--config", str(CONFIGS / "act" / "lwta_u24.yaml"), "--trainer.logger", "false",
                     "--data.init_args.data_dir", "nowhere"], run=False)
     assert cli.model.hparams.label_smoothing == 0.1 and cli.datamodule.num_classes == 1000
     config = cli.model.configure_optimizers()

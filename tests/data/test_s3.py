@@ -39,10 +39,11 @@ boto3 = pytest.importorskip("boto3")
 pytest.importorskip("moto")
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG = str(ROOT / "configs" / "imagenet_resnet50_lwta_streaming.yaml")
+CONFIG = ["--config", str(ROOT / "configs" / "imagenet_resnet50.yaml"), "--config", str(ROOT / "configs" / "act" / "lwta_u2.yaml"),
+          "--config", str(ROOT / "configs" / "data" / "imagenet_streaming.yaml")]
 BUCKET = "shards"
 TINY_MODEL = ["--model.init_args.model", "convnet_small", "--model.init_args.model_kwargs",
-              '{"widths": [8, 16], "act": "lwta", "act_kwargs": {"competitors": 2}}']
+              '{"widths": [8, 16]}']
 # a failing request fails at once: one attempt, short timeouts (the defaults are streaming.S3_CLIENT_CONFIG)
 FAST_FAIL = {"connect_timeout": 1, "read_timeout": 2, "retries": {"max_attempts": 0, "mode": "standard"}}
 
@@ -152,7 +153,7 @@ def test_train_one_epoch_from_s3_through_the_cli(tiny, s3, tmp_path):
     _, url = tiny
     runs = str(tmp_path / "runs")
     cli = cli_main([
-        "fit", "--config", CONFIG, *TINY_MODEL,
+        "fit", *CONFIG, *TINY_MODEL,
         "--data.init_args.data_dir", url, "--data.init_args.storage_options", json.dumps(_options(s3.endpoint)),
         "--data.init_args.cache_dir", str(tmp_path / "cache"), "--data.init_args.max_cache_size", "1MB",
         "--data.init_args.image_size", "32", "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "1",
@@ -278,7 +279,7 @@ def test_ddp_two_processes_count_every_val_image_once(tiny, s3, tmp_path):
     assert len(expected) == 9
     runs, counts = str(tmp_path / "runs"), tmp_path / "val_images.jsonl"
     counter = {"class_path": "test_s3.ValImageCounter", "init_args": {"out": str(counts)}}
-    cmd = [sys.executable, str(ROOT / "train.py"), "fit", "--config", CONFIG, *TINY_MODEL,
+    cmd = [sys.executable, str(ROOT / "train.py"), "fit", *CONFIG, *TINY_MODEL,
            "--data.init_args.data_dir", url, "--data.init_args.storage_options", json.dumps(_options(s3.endpoint)),
            "--data.init_args.cache_dir", str(tmp_path / "cache"), "--data.init_args.image_size", "32",
            "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "1", "--data.init_args.pin_memory",
@@ -349,7 +350,7 @@ def test_store_down_at_start_is_one_clear_error(tiny, tmp_path, capsys):
     assert time.monotonic() - start < 15
     assert down in str(err.value) and f"{url}/train/classes.json" in str(err.value)
     runs = str(tmp_path / "runs")
-    line = _one_error(["fit", "--config", CONFIG, *TINY_MODEL, "--data.init_args.data_dir", url,
+    line = _one_error(["fit", *CONFIG, *TINY_MODEL, "--data.init_args.data_dir", url,
                        "--data.init_args.storage_options", json.dumps(_options(down)),
                        "--data.init_args.num_workers", "0", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
                        "--trainer.max_epochs", "1", "--trainer.default_root_dir", runs,

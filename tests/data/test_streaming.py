@@ -198,14 +198,18 @@ def test_missing_shards_and_missing_litdata(tmp_path, monkeypatch):
         assert "pip install 'lwta_vision[stream]'" in str(err.value)
         assert isinstance(err.value, ValueError)  # train.py shows it as one error: line
 
+# an ImageNet recipe with LWTA, reading shards (README: "ImageNet and streaming shards")
+STREAMING_CONFIG = [f"--config={ROOT / 'configs' / name}"
+                    for name in ("imagenet_resnet50.yaml", "act/lwta_u2.yaml", "data/imagenet_streaming.yaml")]
+
 
 def test_train_py_fast_dev_run_streaming(shards, tmp_path):
     _, dst = shards
     runs = str(tmp_path / "runs")
     cli = cli_main([
-        "fit", "--config", str(ROOT / "configs" / "imagenet_resnet50_lwta_streaming.yaml"),
+        "fit", *STREAMING_CONFIG,
         "--model.init_args.model", "convnet_small",
-        "--model.init_args.model_kwargs", '{"widths": [8, 16], "act": "lwta", "act_kwargs": {"competitors": 2}}',
+        "--model.init_args.model_kwargs", '{"widths": [8, 16]}',
         "--data.init_args.data_dir", str(dst), "--data.init_args.image_size", "32", "--data.init_args.batch_size", "4",
         "--data.init_args.num_workers", "0", "--data.init_args.pin_memory", "false",
         "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
@@ -226,9 +230,9 @@ def test_ddp_two_processes_through_train_py(shards, tmp_path):
     _, dst = shards
     runs = str(tmp_path / "runs")
     cmd = [sys.executable, str(ROOT / "train.py"), "fit",
-           "--config", str(ROOT / "configs" / "imagenet_resnet50_lwta_streaming.yaml"),
+           *STREAMING_CONFIG,
            "--model.init_args.model", "convnet_small",
-           "--model.init_args.model_kwargs", '{"widths": [8, 16], "act": "lwta", "act_kwargs": {"competitors": 2}}',
+           "--model.init_args.model_kwargs", '{"widths": [8, 16]}',
            "--data.init_args.data_dir", str(dst), "--data.init_args.image_size", "32",
            "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "1",
            "--data.init_args.pin_memory", "false", "--trainer.accelerator", "cpu", "--trainer.devices", "2",

@@ -31,8 +31,7 @@ QUICK = str(ROOT / "configs" / "quickstart.yaml")
 # 128 train images on 2 ranks: 2 steps per epoch; 65 val images: rank 0 gets 33 (2 batches), rank 1 32 (1)
 DATA = ["--data.init_args.num_train", "128", "--data.init_args.num_val", "65", "--data.init_args.num_test", "32",
         "--data.init_args.batch_size", "32", "--trainer.callbacks.init_args.max_probe_images", "65",
-        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-        "--model.init_args.lr_scheduler.init_args.T_max", "2"]
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 DDP = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
 VAL_KEYS = ("val/acc", "val/acc_top5", "val/loss", "val/sparsity", "val/sparsity/layer3.act")
 
