@@ -49,6 +49,7 @@ def train(seed: int, out: Path, epochs: int | None = None, extra: tuple[str, ...
 
 def measure(ckpt: Path, max_images: int | None = None, with_dnd: bool = True, seed: int = 0) -> dict:
     """Recovery per method and label quality of the planted units of one checkpoint."""
+    from lwta_vision.checkpoints import read_checkpoint
     from lwta_vision.concept_clip.scorer import ConceptCLIPScorer
     from lwta_vision.dissect.clip_dissect.labeling import label_layer
     from lwta_vision.dissect.clip_dissect.scorers import GroundTruthScorer
@@ -59,7 +60,7 @@ def measure(ckpt: Path, max_images: int | None = None, with_dnd: bool = True, se
     from lwta_vision.dissect.recording import order_by_image
     from lwta_vision.dissect_cli.loading import load_inputs as _load
 
-    planted = planted_from_checkpoint(torch.load(ckpt, map_location="cpu", weights_only=False))
+    planted = planted_from_checkpoint(read_checkpoint(ckpt))  # weights-only, as every entry point reads them
     if not planted:
         raise ValueError(f"{ckpt} records no planted units; train with configs/planted.yaml")
     layers = sorted({p.layer for p in planted})
