@@ -24,7 +24,7 @@ RANK = {
 }
 TORCH_ONLY = ("layers", "models", "datasets", "dissect", "concept_clip")
 # inside dissect: the machinery every method shares, the methods, and evaluation of their labels
-SHARED = {"cache", "concepts", "errors", "labels", "pipeline", "recording", "report"}
+SHARED = {"cache", "concepts", "errors", "labels", "pipeline", "ranking", "recording", "report"}
 METHODS = {"clip_dissect", "netdissect", "dnd"}
 
 

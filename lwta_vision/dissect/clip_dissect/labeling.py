@@ -36,6 +36,7 @@ from lwta_vision.dissect.labels import (
     label_drift,
     rank_concepts,
 )
+from lwta_vision.dissect.ranking import top_images
 from lwta_vision.dissect.recording import LayerRecord, order_by_image
 
 # label_drift and the label types: also the names of `lwta_vision.dissect.engine`, this module's old path
@@ -120,7 +121,7 @@ def label_layer(
     margin_t, gap_t = _margins(scores, tie_key, top_j[:, 0], tol)
     margin = margin_t.tolist()
     tie_margin = [g if how[u, 0] == 1 and math.isfinite(g) else None for u, g in enumerate(gap_t.tolist())]
-    top_img = record.top_indices[: min(report_top_images, record.top_indices.shape[0])].T
+    top_img = top_images(acts, report_top_images)  # the ranking rule: no images where the unit is 0
     quality = label_quality(acts, image_concept, torch.where(active.cpu(), top_j[:, 0], -1))
     quality = {k: [_finite_or_none(v) for v in t.tolist()] for k, t in quality.items()}
     rows = []
@@ -139,7 +140,7 @@ def label_layer(
                 win_rate=float(record.win_rate[u]),
                 input_rate=float(record.input_rate[u]),
                 active=is_active,
-                top_images=top_img[u].tolist(),
+                top_images=top_img[u],
                 margin=(margin[u] if math.isfinite(margin[u]) else None) if is_active else None,
                 decided_by=DECIDED_BY[int(how[u, 0])] if is_active else None,
                 tie_margin=tie_margin[u] if is_active else None,

@@ -9,6 +9,10 @@ done.
 P is a dense tensor, or an :class:`~lwta_vision.dissect.clip_dissect.image_concept.EmbeddingProduct` of
 the image and text embeddings, which is never built: each function asks for the rows or columns it needs.
 
+Which images are a neuron's top images is decided by :mod:`lwta_vision.dissect.ranking`, never by the order
+of ties in ``torch.topk``: an LWTA unit is exactly 0 wherever it lost, and an arbitrary pick among those zeros
+used to decide labels.
+
 ``soft_wpmi`` (the CLIP-Dissect default) only ever needs p(t|x) for images that are in some neuron's
 top-k, so it computes those softmax rows a few at a time and accumulates the per-neuron sums with bounded
 memory: peak extra memory is O(chunk_size * M + K * M) instead of the O(N * M + K * top_k * M) of the
@@ -23,6 +27,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from lwta_vision.dissect.clip_dissect.image_concept import EmbeddingProduct, ImageConcept, as_dense, columns_of, rows_of
+from lwta_vision.dissect.ranking import TopMembership, top_membership
 
 __all__ = [
     "SIMILARITIES",
@@ -103,18 +108,20 @@ def _check_positive_int(name: str, value: int) -> int:
     return value
 
 
-def _top_indices(activations: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Indices [min(top_k, N), K] of each neuron's most-activating images, most active first."""
-    k = min(_check_positive_int("top_k", top_k), activations.shape[0])
-    return torch.topk(activations, k, dim=0, largest=True, sorted=True).indices
+def _membership(activations: torch.Tensor, top_k: int, p_start=None, p_end=None, dtype=torch.float64
+                ) -> TopMembership:
+    """Each neuron's top images by :mod:`lwta_vision.dissect.ranking`'s rule (independent of image order)."""
+    return top_membership(activations, _check_positive_int("top_k", top_k), p_start, p_end, dtype)
 
 
-def _rank_weights(k: int, p_start: float, p_end: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Soft-WPMI membership weight of the image at 0-based rank r: p_start - (r / k)(p_start - p_end)."""
-    if not (0.0 <= p_end <= 1.0 and 0.0 <= p_start <= 1.0):
-        raise ValueError(f"p_start and p_end must lie in [0, 1], got p_start={p_start}, p_end={p_end}")
-    r = torch.arange(k, dtype=dtype, device=device)
-    return p_start - (r / k) * (p_start - p_end)
+def _top_sets(activations: torch.Tensor, top_k: int) -> list[torch.Tensor]:
+    """Per neuron, its top images (the ranking rule, the whole tie group at the cut), most active first."""
+    m = _membership(activations, top_k)
+    out = []
+    for neuron in range(activations.shape[1]):
+        images = m.images_of(neuron)
+        out.append(images[activations[images, neuron].argsort(descending=True, stable=True)])
+    return out
 
 
 def _pmi_from_log_likelihood(log_p_t_given_k: torch.Tensor, lam: float) -> torch.Tensor:
@@ -139,35 +146,36 @@ _BLOCK_ELEMENTS = 1 << 19  # entries of one block of terms (4 MiB in float64): s
 
 def _chunked_log_likelihood(
     image_concept_sim: ImageConcept,
-    top_idx: torch.Tensor,
-    weights: Optional[torch.Tensor],
+    member: TopMembership,
+    num_neurons: int,
+    soft: bool,
     a: float,
     min_prob: float,
     chunk_size: Optional[int],
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """log p(t|k) [K, M] from the softmax rows of the union of top-k images, a few rows at a time.
+    """log p(t|k) [K, M] from the softmax rows of the union of top images, a few rows at a time.
 
-    Each (rank r, neuron n) pair contributes log(c_r + w_r p(t|x)) with c_r = 1 - w_r + min_prob, i.e.
-    log(1 + w_r (p(t|x) - 1) + min_prob) without the cancellation of 1 - w_r (p - 1) (or, when ``weights``
-    is None, log(p(t|x) + min_prob)), to row n. Pairs are sorted by image so every softmax row is computed
-    once. Rows are computed ``chunk_size`` at a time (default: ``_ROW_ELEMENTS`` entries' worth) and pairs
-    handled in blocks of ``_BLOCK_ELEMENTS`` entries, so each block's four passes (gather, multiply-add,
-    log, scatter-add) run in cache rather than through memory.
+    Each (image x, neuron n) pair of ``member`` contributes mass * log(c + w p(t|x)) with c = 1 - w + min_prob,
+    i.e. log(1 + w (p(t|x) - 1) + min_prob) without the cancellation of 1 - w (p - 1) (or, when not ``soft``,
+    mass * log(p(t|x) + min_prob)), to row n; each row is then multiplied by the neuron's ``scale`` (top_k
+    terms for every neuron, see :mod:`lwta_vision.dissect.ranking`). Pairs are sorted by image so every
+    softmax row is computed once. Rows are computed ``chunk_size`` at a time (default: ``_ROW_ELEMENTS``
+    entries' worth) and pairs handled in blocks of ``_BLOCK_ELEMENTS`` entries, so each block's passes
+    (gather, multiply-add, log, scale, scatter-add) run in cache rather than through memory.
     """
-    k, num_neurons = top_idx.shape
     num_concepts = image_concept_sim.shape[1]
-    device = top_idx.device
+    device = member.image.device
     block = max(1, _BLOCK_ELEMENTS // num_concepts)
     rows_at_once = max(1, _ROW_ELEMENTS // num_concepts) if chunk_size is None else chunk_size
-    flat_image = top_idx.reshape(-1)  # position r * K + n
-    flat_neuron = torch.arange(num_neurons, device=device).repeat(k)
-    union, position = torch.unique(flat_image, sorted=True, return_inverse=True)
+    union, position = torch.unique(member.image, sorted=True, return_inverse=True)
     order = torch.argsort(position, stable=True)
-    position, flat_neuron = position[order], flat_neuron[order]
+    position, flat_neuron = position[order], member.unit[order]
+    flat_mass = member.mass[order].to(dtype).unsqueeze(1)
+    weighted = not bool((flat_mass == 1).all())
     flat_weight = flat_floor = None
-    if weights is not None:
-        w = weights.repeat_interleave(num_neurons)[order]
+    if soft:
+        w = member.weight[order].to(dtype)
         flat_weight, flat_floor = w.unsqueeze(1), (1.0 - w + min_prob).unsqueeze(1)
 
     out = torch.zeros(num_neurons, num_concepts, dtype=dtype, device=device)
@@ -188,10 +196,12 @@ def _chunked_log_likelihood(
             else:
                 torch.addcmul(flat_floor[b:e], terms, flat_weight[b:e], out=terms)
             terms.log_()
+            if weighted:
+                terms.mul_(flat_mass[b:e])
             out.index_add_(0, flat_neuron[b:e], terms)
             del terms
         del probs
-    return out
+    return out.mul_(member.scale.to(dtype).unsqueeze(1))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -218,6 +228,10 @@ def soft_wpmi(
     (r / top_k)(p_start - p_end) at 0-based rank r, and
 
         log p(t|k) = sum_r log(1 + w_r (p(t|x_r) - 1) + min_prob)
+
+    The top images follow :mod:`lwta_vision.dissect.ranking`, so the scores do not depend on the order of
+    the images: images where a neuron is exactly 0 (where an LWTA unit lost) are left out and the sum is
+    rescaled to top_k terms; tied images share the weights of the ranks they span.
         log p(t)   = logsumexp_k log p(t|k) - log K          (over the K neurons given)
         score      = log p(t|k) - lam * log p(t)
 
@@ -252,9 +266,9 @@ def soft_wpmi(
         _check_positive_int("chunk_size", chunk_size)
     if min_prob < 0:
         raise ValueError(f"min_prob must be >= 0, got {min_prob}")
-    top_idx = _top_indices(activations, top_k)
-    weights = _rank_weights(top_idx.shape[0], p_start, p_end, dtype, activations.device)
-    log_p_t_given_k = _chunked_log_likelihood(image_concept_sim, top_idx, weights, a, min_prob, chunk_size, dtype)
+    member = _membership(activations, top_k, p_start, p_end, dtype)
+    log_p_t_given_k = _chunked_log_likelihood(image_concept_sim, member, activations.shape[1], True, a, min_prob,
+                                              chunk_size, dtype)
     scores = _pmi_from_log_likelihood(log_p_t_given_k, lam)
     return (scores, log_p_t_given_k) if return_log_likelihood else scores
 
@@ -271,20 +285,40 @@ def soft_wpmi_reference(
     min_prob: float = 1e-7,
     dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
-    """The direct soft-WPMI formula: full N x M softmax, gather [K, top_k, M]. For tests and benchmarks.
+    """The direct soft-WPMI formula: full N x M softmax, one neuron at a time. For tests and benchmarks.
 
-    Same arguments and result as :func:`soft_wpmi` (to floating-point rounding), with memory
-    O(N * M + K * top_k * M).
+    Same arguments and result as :func:`soft_wpmi` (to floating-point rounding), with memory O(N * M). Its top
+    images come from a full sort and explicit tie groups, written apart from :mod:`lwta_vision.dissect.ranking`,
+    so the two check each other.
     """
     activations, image_concept_sim = _validate(activations, image_concept_sim)
     if min_prob < 0:
         raise ValueError(f"min_prob must be >= 0, got {min_prob}")
+    if not (0.0 <= p_end <= 1.0 and 0.0 <= p_start <= 1.0):
+        raise ValueError(f"p_start and p_end must lie in [0, 1], got p_start={p_start}, p_end={p_end}")
     probs = torch.softmax(a * as_dense(image_concept_sim).to(dtype), dim=1)  # [N, M]
-    top_idx = _top_indices(activations, top_k)  # [k, K]
-    weights = _rank_weights(top_idx.shape[0], p_start, p_end, dtype, activations.device)
-    gathered = probs[top_idx.T]  # [K, k, M]
-    log_p_t_given_k = torch.log(1 + weights[None, :, None] * (gathered - 1) + min_prob).sum(dim=1)
-    return _pmi_from_log_likelihood(log_p_t_given_k, lam)
+    n = activations.shape[0]
+    k = min(_check_positive_int("top_k", top_k), n)
+    rows = []
+    for column in activations.T.tolist():
+        groups: dict[float, list[int]] = {}
+        for image, value in enumerate(column):
+            groups.setdefault(value, []).append(image)
+        if len(groups.get(0.0, [])) >= 2 and len(groups) > 1:  # where the unit lost: never a top image
+            del groups[0.0]
+        total, acc, position = 0.0, torch.zeros(probs.shape[1], dtype=dtype), 0
+        for value in sorted(groups, reverse=True):
+            members = groups[value]
+            if position >= k:
+                break
+            end = min(position + len(members), k)
+            w = p_start - ((position + end - 1) / 2 / k) * (p_start - p_end)
+            mass = (end - position) / len(members)
+            acc += mass * torch.log(1 + w * (probs[members] - 1) + min_prob).sum(0)
+            total += end - position
+            position += len(members)
+        rows.append(acc * (k / total))
+    return _pmi_from_log_likelihood(torch.stack(rows), lam)
 
 
 @torch.no_grad()
@@ -316,8 +350,9 @@ def wpmi(
         _check_positive_int("chunk_size", chunk_size)
     if min_prob < 0:
         raise ValueError(f"min_prob must be >= 0, got {min_prob}")
-    top_idx = _top_indices(activations, top_k)
-    log_p_t_given_k = _chunked_log_likelihood(image_concept_sim, top_idx, None, a, min_prob, chunk_size, dtype)
+    member = _membership(activations, top_k, dtype=dtype)
+    log_p_t_given_k = _chunked_log_likelihood(image_concept_sim, member, activations.shape[1], False, a, min_prob,
+                                              chunk_size, dtype)
     scores = _pmi_from_log_likelihood(log_p_t_given_k, lam)
     return (scores, log_p_t_given_k) if return_log_likelihood else scores
 
@@ -409,7 +444,8 @@ def rank_reorder(
 ) -> torch.Tensor:
     """How well a concept's ranking of a neuron's top images reproduces the neuron's own ranking.
 
-    For neuron k take its n top images x_1..x_n with activations v_1 >= ... >= v_n. Concept t ranks the
+    For neuron k take its n top images x_1..x_n with activations v_1 >= ... >= v_n (by
+    :mod:`lwta_vision.dissect.ranking`'s rule: none where it is 0, every image tied with the n-th). Concept t ranks the
     same images by P[x, t] (descending); if it puts image i at position rho_t(i), the activation it
     "predicts" for image i is v_{rho_t(i)}. The error is
 
@@ -443,14 +479,13 @@ def rank_reorder(
             raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction}")
         top_k = max(1, int(top_fraction * n_images))
     dtype = _compute_dtype(activations, image_concept_sim)
-    top_idx = _top_indices(activations, top_k)  # [n, K]
-    top_vals = activations.gather(0, top_idx).to(dtype)  # [n, K], descending per column
+    tops = _top_sets(activations, top_k)  # per neuron, most active first
     num_concepts = image_concept_sim.shape[1]
     out = torch.empty(activations.shape[1], num_concepts, dtype=dtype, device=activations.device)
     for neuron in range(activations.shape[1]):
-        target = top_vals[:, neuron]
+        images = tops[neuron]
+        target = activations[images, neuron].to(dtype)  # descending
         random_order_err = (target[:, None] - target[None, :]).abs().pow(p).mean().clamp_min(eps)
-        images = top_idx[:, neuron]
         rows = rows_of(image_concept_sim, images)  # [n, M]
         for start in range(0, num_concepts, chunk_size):
             sims = rows[:, start : start + chunk_size].to(dtype)  # [n, c]

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 from lwta_vision.datasets.probe import ProbeSet
 from lwta_vision.dissect.evaluate.quality import otsu_threshold
 from lwta_vision.dissect.labels import LayerLabels, NeuronRow
+from lwta_vision.dissect.ranking import top_images as ranked_top_images
 from lwta_vision.dissect.recording import LayerRecord, order_by_image, record_activations, spatial_maps
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, end exclusive
@@ -149,8 +150,10 @@ def attention_exemplars(
     Crops are resized back to their image's size before the network sees them (a network trained at 32 px
     must get 32 px). Non-spatial layers (fc, ViT tokens) get no crops, as in DnD.
     """
-    n_top = min(top_images, record.top_indices.shape[0])
-    tops = {u: record.top_indices[:n_top, u].tolist() for u in units}
+    # the ranking rule: never an image where the unit is 0 (an LWTA loss), ties at the cut all in
+    units = list(units)
+    shown = ranked_top_images(record.pooled[:, units], top_images, ids=record.image_ids)
+    tops = dict(zip(units, shown))
     by_index = sorted({i for v in tops.values() for i in v})
     raw = {i: probe.raw(i) for i in by_index}
     maps = None

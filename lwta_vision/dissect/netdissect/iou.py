@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lwta_vision.datasets.probe import ProbeSet
 from lwta_vision.dissect.labels import LayerLabels, NeuronRow
+from lwta_vision.dissect.ranking import top_images as ranked_top_images
 from lwta_vision.dissect.recording import _batch_inputs, capture, eval_mode, resolve_layers
 
 # Largest float32 tensor (in elements) built at once when binarising upsampled maps: units are processed
@@ -208,7 +209,7 @@ class _FirstPass:
     thresholds: Tensor  # [K]
     win_rate: Tensor  # [K] fraction of positions where the unit is non-zero
     input_rate: Tensor  # [K] fraction of images where it is non-zero anywhere
-    top_indices: Tensor  # [t, K] images with the highest per-image max activation
+    top_indices: list[list[int]]  # per unit, the images with the highest per-image max (ranking rule)
     num_images: int
 
 
@@ -219,7 +220,8 @@ def _first_pass(model, layer, loader, quantile, num_positions_total, device, top
     device = device or _model_device(model)
     acc: Optional[TopQuantile] = None
     wins = inputs = 0
-    top_v = top_i = None
+    peaks: list[Tensor] = []
+    ids: list[Tensor] = []
     n_images = 0
     with torch.no_grad(), eval_mode(model), capture(model, [layer]) as outputs:
         for batch in _iterate(loader, progress, f"IoU thresholds {layer}"):
@@ -242,17 +244,15 @@ def _first_pass(model, layer, loader, quantile, num_positions_total, device, top
             nz = (out != 0).flatten(2)
             wins = wins + nz.sum((0, 2)).double()
             inputs = inputs + nz.any(2).sum(0).double()
-            peak = out.amax((2, 3))
-            ids = idx.to(peak.device).long()[:, None].expand_as(peak)
-            cand_v = peak if top_v is None else torch.cat([top_v, peak])
-            cand_i = ids if top_i is None else torch.cat([top_i, ids])
-            top_v, order = cand_v.topk(min(top_images, cand_v.shape[0]), dim=0)
-            top_i = cand_i.gather(0, order)
+            peaks.append(out.amax((2, 3)).float().cpu())
+            ids.append(idx.cpu().long())
             n_images += b
     if acc is None:
         raise ValueError("the probe loader yielded no images")
+    # the ranking rule over every image's peak: no image where the unit is 0, ties all in
+    shown = ranked_top_images(torch.cat(peaks), top_images, ids=torch.cat(ids))
     return _FirstPass(acc.threshold(), (wins / acc.seen).float().cpu(), (inputs / n_images).float().cpu(),
-                      top_i.cpu(), n_images)
+                      shown, n_images)
 
 
 def streaming_thresholds(
@@ -484,7 +484,7 @@ def _layer_labels(layer, iou, concepts, categories, first: _FirstPass, quantile,
             score=pairs[0][1] if pairs else 0.0,
             next_labels=[c for c, _ in pairs[1:]], next_scores=[s for _, s in pairs[1:]],
             win_rate=float(first.win_rate[u]), input_rate=float(first.input_rate[u]),
-            active=bool(active[u]), top_images=first.top_indices[:, u].tolist(),
+            active=bool(active[u]), top_images=first.top_indices[u],
         ))
     category_of = dict(zip(concepts, categories))
     detectors = [r for r in rows if r.label is not None and r.score > iou_threshold]

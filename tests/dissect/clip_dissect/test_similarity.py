@@ -107,16 +107,18 @@ def test_planted_concept_is_the_label(fn):
 
 
 class _LargestOutput(TorchDispatchMode):
-    """Records the largest floating-point tensor (numel) any aten op allocates; views are free."""
+    """Records the largest floating-point tensor (numel) any aten op allocates; views are free. With ``width``,
+    only tensors whose last dimension is ``width`` (one value per concept) count."""
 
-    def __init__(self):
+    def __init__(self, width=None):
         super().__init__()
-        self.largest = 0
+        self.largest, self.width = 0, width
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.is_floating_point() and not t._is_view():
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not t._is_view() and (
+                    self.width is None or (t.ndim and t.shape[-1] == self.width)):
                 self.largest = max(self.largest, t.numel())
         return out
 
@@ -127,14 +129,14 @@ def test_soft_wpmi_never_materialises_full_softmax():
     activations = torch.randn(n, k, generator=g)
     # A broadcast view: [N, M] to the function, but only M floats of real storage.
     sims = (0.2 + 0.05 * torch.randn(1, m, generator=g)).expand(n, m)
-    recorder = _LargestOutput()
-    with recorder:
+    recorder, wide = _LargestOutput(), _LargestOutput(width=m)
+    with recorder, wide:
         scores = soft_wpmi(activations, sims, top_k=top_k, chunk_size=chunk)
     assert scores.shape == (k, m)
     assert torch.isfinite(scores).all()
     # softmax rows and gathered pairs come in chunks of `chunk` rows: never N x M, nor K x top_k x M
-    assert recorder.largest <= chunk * m
-    assert recorder.largest < k * top_k * m
+    assert wide.largest <= chunk * m < k * top_k * m
+    assert recorder.largest <= max(chunk * m, n * k)  # the ranking's masks: the activations' size, N x K
 
 
 def test_soft_wpmi_runs_on_the_inputs_device_and_returns_there():
