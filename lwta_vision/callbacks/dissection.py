@@ -13,10 +13,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lwta_vision.callbacks.run_dir import run_dir
 from lwta_vision.concept_clip import is_concept_data
 from lwta_vision.datasets.probe import ProbeSet
-from lwta_vision.dissect.clip_dissect.labeling import label_records
+from lwta_vision.dissect.clip_dissect.labeling import HOLDOUT, label_records
 from lwta_vision.dissect.clip_dissect.scorers import GroundTruthScorer, Scorer
 from lwta_vision.dissect.concepts import load_concept_set
-from lwta_vision.dissect.labels import TIE_TOL, label_drift
+from lwta_vision.dissect.labels import QUALITY_NAMES, TIE_TOL, label_drift
 from lwta_vision.dissect.pipeline import probe_loader
 from lwta_vision.dissect.recording import LayerRecord, merge_records, record_activations, resolve_layers
 from lwta_vision.dissect.report import write_tables
@@ -33,8 +33,10 @@ class NeuronDissection(Callback):
     Logs per layer ``dissect/<layer>/unique_labels``, ``.../mean_score``, ``.../active_fraction``,
     ``.../ties`` (labels decided by the tie-break key, see :mod:`lwta_vision.dissect.clip_dissect.labeling`),
     ``.../label_drift`` (fraction of units whose label changed since the last dissection),
-    ``.../label_corr`` and ``.../label_auprc`` (label quality averaged over the labelled units: how
-    describable the layer is, see :mod:`lwta_vision.dissect.evaluate.quality`), writes the label
+    ``.../label_corr``, ``.../label_auprc``, ``.../label_base_rate``, ``.../label_{f1,iou}_{005,02}`` (label
+    quality averaged over the labelled units, on the half of the probe held out from choosing the labels: how
+    describable the layer is, see :mod:`lwta_vision.dissect.evaluate.quality`) and the in-sample
+    ``.../label_{corr,auprc}_insample``, writes the label
     table as CSV under ``<run folder>/dissection/epoch_<n>/`` (the folder holding the run's ``checkpoints/``
     and ``config.yaml``, see :func:`~lwta_vision.callbacks.run_dir.run_dir`) and, with a wandb logger, the label table
     and every active unit's top images (highlighted where it fires) as wandb media in the run's folder.
@@ -59,6 +61,8 @@ class NeuronDissection(Callback):
         iou_quantile, iou_threshold: NetDissect's top quantile (0.005) and detector threshold (0.04).
         tie_tol: soft-WPMI scores closer than this are ties, decided by the contrast key (see
             :mod:`lwta_vision.dissect.clip_dissect.labeling`).
+        holdout: fraction of the probe images held out from choosing labels, on which label quality is
+            measured (a seeded hash of each image's index; 0: choose on all, report in-sample quality only).
     """
 
     def __init__(
@@ -80,6 +84,7 @@ class NeuronDissection(Callback):
         iou_quantile: float = 0.005,
         iou_threshold: float = 0.04,
         tie_tol: float = TIE_TOL,
+        holdout: float = HOLDOUT,
     ):
         if every_n_epochs < 1:
             raise ValueError(f"NeuronDissection every_n_epochs must be >= 1, got {every_n_epochs}")
@@ -94,6 +99,9 @@ class NeuronDissection(Callback):
         if not (tie_tol >= 0 and tie_tol < float("inf")):
             raise ValueError(f"NeuronDissection tie_tol must be a finite number >= 0, got {tie_tol}")
         self.tie_tol = tie_tol
+        if not 0.0 <= holdout < 1.0:
+            raise ValueError(f"NeuronDissection holdout must be in [0, 1), got {holdout}")
+        self.holdout = holdout
         self.previous_labels: dict[str, list[Optional[str]]] = {}
         self.history: list[dict[str, Any]] = []
         self._image_concept = None  # a tensor, or the scorer's embeddings (EmbeddingProduct)
@@ -156,7 +164,7 @@ class NeuronDissection(Callback):
         if world > 1:
             records = _gather_records(trainer, records, len(self.probe), top_k)
         results = label_records(records, self._image_concept, self._concepts, self.similarity,
-                                self.similarity_kwargs, self.tie_tol, pl_module.device)
+                                self.similarity_kwargs, self.tie_tol, pl_module.device, holdout=self.holdout)
         epoch = trainer.current_epoch
         entry = {"epoch": epoch}
         for layer, res in results.items():
@@ -168,9 +176,9 @@ class NeuronDissection(Callback):
                 "mean_score": res.summary["mean_top_score"],
                 "active_fraction": res.summary["active_fraction"],
                 "ties": res.summary["ties"],
-                # how describable the layer is: label quality averaged over its labelled units
-                "label_corr": res.summary["mean_label_corr"],
-                "label_auprc": res.summary["mean_label_auprc"],
+                # how describable the layer is: label quality averaged over its labelled units, on the probe
+                # images held out from choosing the labels (and, to show the gap, on the choosing ones)
+                **{name: res.summary.get(f"mean_{name}") for name in QUALITY_NAMES},
             }
             metrics = {k: float(v) for k, v in values.items() if v is not None}  # None: undefined (no label)
             if drift == drift:  # not NaN: a previous dissection exists
@@ -220,8 +228,8 @@ class NeuronDissection(Callback):
         from lwta_vision.dissect.recording import spatial_maps
         from lwta_vision.dissect.report import HIGHLIGHT_LEVEL, highlight
 
-        columns = ["layer", "unit", "label", "score", "label_2", "label_3", "margin", "decided_by", "label_corr",
-                   "label_auprc", "label_base_rate", "win_rate", "active", "top_images"]
+        columns = ["layer", "unit", "label", "score", "label_2", "label_3", "margin", "decided_by", *QUALITY_NAMES,
+                   "win_rate", "active", "top_images"]
         for layer, res in results.items():
             data = [[layer] + [r.as_dict()[c] for c in columns[1:-1]] + [" ".join(map(str, r.top_images))]
                     for r in res.rows]
@@ -246,7 +254,7 @@ class NeuronDissection(Callback):
                     if hi > lo:
                         tiles = [highlight(t, u, lo + HIGHLIGHT_LEVEL * (hi - lo)) for t, u in zip(tiles, um)]
                 score = "" if r.score is None else f" ({r.score:.3g})"
-                quality = "" if r.label_auprc is None else f", AUPRC {r.label_auprc:.2f}"
+                quality = "" if r.label_auprc is None else f", held-out AUPRC {r.label_auprc:.2f}"
                 strips.append(wandb.Image(np.concatenate(tiles, axis=1), caption=f"unit {r.unit}: {r.label}{score}{quality}"))
             logger.experiment.log({f"dissect/{layer}/top_images": strips, "epoch": epoch})
 
@@ -267,8 +275,12 @@ def console_line(summary: dict, drift: float = float("nan")) -> str:
     parts = [f"{summary.get('unique_labels', 0)} unique labels",
              f"{summary.get('active_units', 0)}/{summary.get('units', 0)} units active"]
     if summary.get("mean_label_corr") is not None:
-        parts.append(f"label quality corr {num(summary['mean_label_corr'], '.2f')}, AUPRC "
-                     f"{num(summary.get('mean_label_auprc'), '.2f')} (chance {num(summary.get('mean_label_base_rate'), '.2f')})")
+        parts.append(f"held-out label quality corr {num(summary['mean_label_corr'], '.2f')}, AUPRC "
+                     f"{num(summary.get('mean_label_auprc'), '.2f')} (chance {num(summary.get('mean_label_base_rate'), '.2f')}"
+                     f"; in-sample {num(summary.get('mean_label_auprc_insample'), '.2f')})")
+    elif summary.get("mean_label_corr_insample") is not None:
+        parts.append(f"in-sample label quality corr {num(summary['mean_label_corr_insample'], '.2f')}, AUPRC "
+                     f"{num(summary.get('mean_label_auprc_insample'), '.2f')} (nothing held out)")
     if drift == drift:
         parts.append(f"drift {drift:.2f}")
     if summary.get("ties"):

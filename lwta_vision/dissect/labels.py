@@ -18,6 +18,9 @@ TIE_TOL = 1e-3
 NEAR_TIE_FACTOR = 10.0
 """A label decided by score with a margin below ``NEAR_TIE_FACTOR * tie_tol`` is flagged as a near tie."""
 DECIDED_BY = ("score", "contrast", "order")
+QUALITY_NAMES = ("label_corr", "label_auprc", "label_base_rate", "label_f1_005", "label_iou_005", "label_f1_02",
+                 "label_iou_02", "label_corr_insample", "label_auprc_insample")
+"""The label-quality fields of a row, held-out first (defined in ``dissect/evaluate/quality.py``)."""
 _ROWS = 256  # units ranked at once
 
 
@@ -36,9 +39,16 @@ class NeuronRow:
     margin: Optional[float] = None  # score minus the best other concept's score
     tie_margin: Optional[float] = None  # in a tie: the label's contrast minus the best other tied concept's
     decided_by: Optional[str] = None  # "score", "contrast" (a tie within tie_tol) or "order"
-    label_corr: Optional[float] = None  # Pearson(activation, the label's signal) over the probe images
+    # label quality on the held-out probe images (the ones that did not choose the label; quality.py)
+    label_corr: Optional[float] = None  # Pearson(activation, the label's signal)
     label_auprc: Optional[float] = None  # AUPRC of the activation against the label's presence
     label_base_rate: Optional[float] = None  # the label's presence rate: AUPRC's chance level
+    label_f1_005: Optional[float] = None  # F1 of the unit's top 0.5% of images against the label's presence
+    label_iou_005: Optional[float] = None  # IoU of the same
+    label_f1_02: Optional[float] = None  # F1 at the top 2%
+    label_iou_02: Optional[float] = None  # IoU at the top 2%
+    label_corr_insample: Optional[float] = None  # label_corr on the images that chose the label (optimistic)
+    label_auprc_insample: Optional[float] = None  # label_auprc on the same
 
     def as_dict(self) -> dict:
         return {
@@ -56,9 +66,7 @@ class NeuronRow:
             "margin": self.margin,
             "decided_by": self.decided_by,
             "tie_margin": self.tie_margin,
-            "label_corr": self.label_corr,
-            "label_auprc": self.label_auprc,
-            "label_base_rate": self.label_base_rate,
+            **{name: getattr(self, name) for name in QUALITY_NAMES},
             "top_images": self.top_images,
         }
 

@@ -23,11 +23,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from lwta_vision.dissect.labels import NEAR_TIE_FACTOR, LayerLabels
+from lwta_vision.dissect.labels import NEAR_TIE_FACTOR, QUALITY_NAMES, LayerLabels
 
 CSV_FIELDS = ["layer", "unit", "label", "score", "label_2", "score_2", "label_3", "score_3", "win_rate",
               "input_rate", "active", "top_images", "margin", "decided_by", "tie_margin",
-              "label_corr", "label_auprc", "label_base_rate"]
+              *QUALITY_NAMES]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -143,10 +143,13 @@ SCORE_NOTES = {
            "masks, in [0, 1]; a detector above {iou_threshold}",
     "margin": "margin: the label's score minus the runner-up's (a tie within the tolerance is decided by a second "
               "key and flagged)",
-    "label_corr": "corr: Pearson correlation over the probe images of the activation with the label's signal; "
-                  "0 = chance",
-    "label_auprc": "AUPRC: average precision of the activation at detecting the label; chance = the label's base rate "
-                   "(in brackets)",
+    "label_corr": "corr: Pearson correlation of the activation with the label's signal, over the held-out probe "
+                  "images (the {holdout} that did not choose the label: a best-of-many choice scored on its own images "
+                  "looks better than it is); 0 = chance",
+    "label_auprc": "AUPRC: average precision of the activation at detecting the label's presence ({presence}), on the "
+                   "held-out images; chance = the label's base rate (in brackets); F1/IoU of the unit's top 0.5% and 2% "
+                   "of the images are in the CSV",
+    "label_insample": "in-sample corr/AUPRC (CSV: *_insample) are the same figures on the images that chose the label",
     "win_rate": "win rate: fraction of (image, position) pairs where the unit is non-zero (for LWTA, wins its block)",
 }
 """One line per score shown under a layer's title (``iou`` is formatted with the layer's summary)."""
@@ -216,6 +219,7 @@ def ground_truth_concepts(dataset) -> Optional[Callable[[int], list[str]]]:
             cache.append(torch.as_tensor(dataset.presence_matrix()).cpu())
         return [names[j] for j in torch.nonzero(cache[0][i] > 0).flatten().tolist()]
 
+    concepts.vocabulary = frozenset(names)  # what counts as a ground-truth concept (a CLIP word may not)
     return concepts
 
 
@@ -384,7 +388,14 @@ def _notes(labels: LayerLabels) -> list[str]:
     first = SCORE_NOTES.get(sim, f"score ({sim}): the similarity's value, higher = better") if sim else None
     rows = [r for r in labels.rows if r.active]
     keys = [k for k in ("margin", "label_corr", "label_auprc") if any(getattr(r, k) is not None for r in rows)]
-    return ([first] if first else []) + [SCORE_NOTES[k] for k in keys] + [SCORE_NOTES["win_rate"]]
+    held = s.get("holdout")
+    fill = {"holdout": f"{held:.0%}" if isinstance(held, (int, float)) else "part",
+            "presence": "by CLIP: the Otsu split of the label's similarity" if s.get("presence") == "threshold"
+            else "the annotations"}
+    notes = [SCORE_NOTES[k].format(**fill) for k in keys]
+    if any(r.label_auprc_insample is not None for r in rows):
+        notes.append(SCORE_NOTES["label_insample"])
+    return ([first] if first else []) + notes + [SCORE_NOTES["win_rate"]]
 
 
 def _detector(row, labels: LayerLabels) -> bool:
@@ -450,7 +461,8 @@ def _layer_html(out_dir, layer, stem, labels, raw_image, layer_map_fn, images_pe
         layer_maps = layer_map_fn(all_idx)
         layer_maps = layer_maps if layer_maps.ndim == 4 else None
     ctx = _Images(out_dir, stem, raw_image, thumb_size, acts, layer_maps, {i: p for p, i in enumerate(all_idx)},
-                  {i: list(image_concepts(i)) for i in all_idx} if image_concepts is not None else None)
+                  {i: list(image_concepts(i)) for i in all_idx} if image_concepts is not None else None,
+                  getattr(image_concepts, "vocabulary", None))
     cards, attrs = [], []
     for row in labels.rows:
         figs, hits = ctx.figures(row, shown.get(row.unit, []))
@@ -490,11 +502,12 @@ def _layer_html(out_dir, layer, stem, labels, raw_image, layer_map_fn, images_pe
 class _Images:
     """Writes a layer's thumbnails (highlighted where maps exist) and their figure HTML."""
 
-    def __init__(self, out_dir, stem, raw_image, thumb_size, acts, maps, pos, gt):
+    def __init__(self, out_dir, stem, raw_image, thumb_size, acts, maps, pos, gt, vocabulary=None):
         self.out_dir, self.stem, self.raw_image, self.thumb_size = out_dir, stem, raw_image, thumb_size
         self.acts, self.maps, self.pos, self.gt = acts, maps, pos, gt
-        # a label that no shown image is annotated with is not a ground-truth concept (e.g. a CLIP word)
-        self.vocabulary = {c for cs in (gt or {}).values() for c in cs}
+        # the annotations' concept names; without them, a label that no shown image is annotated with is taken
+        # for a word outside the annotations (e.g. a CLIP word)
+        self.vocabulary = set(vocabulary) if vocabulary is not None else {c for cs in (gt or {}).values() for c in cs}
 
     def figures(self, row, images: Sequence[int]) -> tuple[str, Optional[int]]:
         """The unit's figures, and how many are annotated with its label (None: not a ground-truth concept)."""
@@ -569,14 +582,21 @@ def _card_text(row, labels: LayerLabels, extra: Optional[dict[int, str]]) -> str
 
 
 def _quality_text(row) -> str:
-    """'label quality: corr 0.68, AUPRC 0.94 (chance 0.32)' where defined."""
+    """'held-out label quality: corr 0.68, AUPRC 0.94 (chance 0.32; in-sample 0.97)' where defined."""
     bits = []
     if getattr(row, "label_corr", None) is not None:
         bits.append(f"corr {row.label_corr:.2f}")
     if getattr(row, "label_auprc", None) is not None:
-        chance = f" (chance {row.label_base_rate:.2f})" if row.label_base_rate is not None else ""
-        bits.append(f"AUPRC {row.label_auprc:.2f}{chance}")
-    return "label quality: " + ", ".join(bits) if bits else ""
+        chance = f"chance {row.label_base_rate:.2f}" if row.label_base_rate is not None else ""
+        inside = getattr(row, "label_auprc_insample", None)
+        inside = f"in-sample {inside:.2f}" if inside is not None else ""
+        extra = "; ".join(b for b in (chance, inside) if b)
+        bits.append(f"AUPRC {row.label_auprc:.2f}" + (f" ({extra})" if extra else ""))
+    if bits:
+        return "held-out label quality: " + ", ".join(bits)
+    if getattr(row, "label_auprc_insample", None) is not None:
+        return f"in-sample label quality (nothing held out): AUPRC {row.label_auprc_insample:.2f}"
+    return ""
 
 
 def _tie_flag(row, tie_tol: Optional[float]) -> str:

@@ -281,7 +281,7 @@ def build_scorer(scorer, probe, clip_model, clip_pretrained, clip_checkpoint, de
 
 def check_options(scorer: Optional[str] = None, similarity: Optional[str] = None,
                    output_dir: Optional[str] = None, output_file: Optional[str] = None,
-                   tie_tol: Optional[float] = None) -> None:
+                   tie_tol: Optional[float] = None, holdout: Optional[float] = None) -> None:
     """Fail on a misspelled name or an unwritable output before loading or recording anything."""
     import math
 
@@ -289,6 +289,8 @@ def check_options(scorer: Optional[str] = None, similarity: Optional[str] = None
 
     if tie_tol is not None and not (math.isfinite(tie_tol) and tie_tol >= 0):
         raise ValueError(f"--tie_tol must be a finite number >= 0 (nats of soft-WPMI), got {tie_tol}")
+    if holdout is not None and not 0.0 <= holdout < 1.0:
+        raise ValueError(f"--holdout must be a fraction in [0, 1) of the probe images, got {holdout}")
 
     if scorer is not None and scorer not in SCORERS:
         raise ValueError(f"unknown scorer {scorer!r}; choose one of {', '.join(SCORERS)}")

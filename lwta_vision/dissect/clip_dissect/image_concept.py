@@ -86,3 +86,10 @@ def columns_of(p: ImageConcept, index: Tensor) -> Tensor:
 def as_dense(p: ImageConcept) -> Tensor:
     """The full matrix (built, for a lazy one)."""
     return p.dense() if isinstance(p, EmbeddingProduct) else p
+
+
+def images_of(p: ImageConcept, index: Tensor) -> ImageConcept:
+    """P restricted to the images ``index`` (rows), lazy where P is: a held-out part of the probe."""
+    if isinstance(p, EmbeddingProduct):
+        return EmbeddingProduct(p.image.index_select(0, index.to(p.device)), p.text)
+    return p.index_select(0, index.to(p.device))

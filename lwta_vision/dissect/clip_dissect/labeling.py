@@ -21,9 +21,15 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from lwta_vision.dissect.clip_dissect.image_concept import ImageConcept
+from lwta_vision.dissect.clip_dissect.image_concept import ImageConcept, images_of
 from lwta_vision.dissect.clip_dissect.similarity import get_similarity
-from lwta_vision.dissect.evaluate.quality import label_quality
+from lwta_vision.dissect.evaluate.quality import (
+    INSAMPLE_FIELDS,
+    QUALITY_FIELDS,
+    holdout_split,
+    label_quality,
+    presence_by_threshold,
+)
 from lwta_vision.dissect.labels import (
     DECIDED_BY,
     NEAR_TIE_FACTOR,
@@ -44,6 +50,7 @@ __all__ = ["label_layer", "label_records", "tie_contrast", "label_drift", "rank_
            "NeuronRow", "TIE_TOL", "NEAR_TIE_FACTOR"]
 
 PRIOR_UNITS = ("active", "all")
+HOLDOUT = 0.5  # the fraction of probe images that never choose a label and score its quality
 RANKED = 5  # concepts ranked per unit when labelling (top_labels up to this many are exact)
 
 
@@ -69,6 +76,8 @@ def label_layer(
     tie_tol: float = TIE_TOL,
     prior_units: str = "active",
     device: Optional[torch.device] = None,
+    holdout: float = HOLDOUT,
+    split_seed: int = 0,
 ) -> LayerLabels:
     """Score every active unit of a layer against every concept and keep the best three labels.
 
@@ -85,6 +94,12 @@ def label_layer(
 
     ``device``: where the similarity is computed (a GPU: soft-WPMI's K x top_k x M terms are the work), default
     where ``image_concept`` is; the results are on the CPU either way.
+
+    ``holdout``: the fraction of the probe images (:func:`~lwta_vision.dissect.evaluate.quality.holdout_split`
+    with ``split_seed``, a hash of each image's index) that never choose a label: the label is chosen on the
+    others and its quality (``label_corr``, ``label_auprc``, F1/IoU) is computed on these, so it is not inflated
+    by the choice of the best of many concepts. The same figures on the choosing images are ``*_insample``.
+    0 chooses on every image and reports in-sample figures only.
     """
     if prior_units not in PRIOR_UNITS:
         raise ValueError(f"prior_units must be one of {', '.join(PRIOR_UNITS)}, got {prior_units!r}")
@@ -93,6 +108,13 @@ def label_layer(
     n = image_concept.shape[0]
     acts = order_by_image(record, n)
     active = record.active
+    held = holdout_split(n, holdout, split_seed)
+    if holdout > 0 and (int(held.sum()) < 2 or int((~held).sum()) < 1):
+        raise ValueError(f"{n} probe images are too few to hold {holdout:.0%} out for label quality; use more "
+                         "images or holdout=0")
+    choose = (~held).nonzero().flatten()
+    chosen_acts, chosen_concept = (acts, image_concept) if holdout == 0 else (
+        acts.index_select(0, choose), images_of(image_concept, choose))
     fn = get_similarity(similarity)
     kwargs = dict(similarity_kwargs or {})
     with_key = _uses_log_likelihood(fn)
@@ -102,7 +124,7 @@ def label_layer(
     if active.any():
         over = active if prior_units == "active" else torch.ones_like(active)
         dev = image_concept.device if device is None else torch.device(device)
-        a, p = acts[:, over].to(dev), image_concept.to(device=dev, dtype=torch.float32)
+        a, p = chosen_acts[:, over].to(dev), chosen_concept.to(device=dev, dtype=torch.float32)
         if with_key:
             s, log_p = fn(a, p, return_log_likelihood=True, **kwargs)
             tie_key[active] = tie_contrast(log_p).double().cpu()[active[over]]
@@ -122,7 +144,12 @@ def label_layer(
     margin = margin_t.tolist()
     tie_margin = [g if how[u, 0] == 1 and math.isfinite(g) else None for u, g in enumerate(gap_t.tolist())]
     top_img = top_images(acts, report_top_images)  # the ranking rule: no images where the unit is 0
-    quality = label_quality(acts, image_concept, torch.where(active.cpu(), top_j[:, 0], -1))
+    label_index = torch.where(active.cpu(), top_j[:, 0], -1)
+    insample = label_quality(chosen_acts, chosen_concept, label_index)
+    quality = {f"{name}_insample": insample[name] for name in ("label_corr", "label_auprc")}
+    if holdout > 0:
+        held_idx = held.nonzero().flatten()
+        quality.update(label_quality(acts.index_select(0, held_idx), images_of(image_concept, held_idx), label_index))
     quality = {k: [_finite_or_none(v) for v in t.tolist()] for k, t in quality.items()}
     rows = []
     for u in range(record.num_units):
@@ -160,9 +187,13 @@ def label_layer(
             "tie_tol": tol,
             "ties": ties,
             "near_ties": near,
-            "mean_label_corr": _mean_of(r.label_corr for r in labelled),
-            "mean_label_auprc": _mean_of(r.label_auprc for r in labelled),
-            "mean_label_base_rate": _mean_of(r.label_base_rate for r in labelled),
+            **{f"mean_{name}": _mean_of(getattr(r, name) for r in labelled)
+               for name in QUALITY_FIELDS + INSAMPLE_FIELDS},
+            "holdout": holdout,
+            "holdout_images": int(held.sum()),
+            # how presence was read for AUPRC/F1/IoU: "annotations", or "threshold" (Otsu on a CLIP similarity)
+            "presence": "threshold" if presence_by_threshold(image_concept, label_index[label_index >= 0])
+            else "annotations",
         }
     )
     # kept for top_labels in float32: half the memory of the float64 the ranking used (2048 units x 20k
@@ -179,8 +210,10 @@ def label_records(
     similarity_kwargs: Optional[dict] = None,
     tie_tol: float = TIE_TOL,
     device: Optional[torch.device] = None,
+    holdout: float = HOLDOUT,
+    split_seed: int = 0,
 ) -> dict[str, LayerLabels]:
     """:func:`label_layer` for each recorded layer, against one image-concept matrix."""
     return {name: label_layer(rec, image_concept, concepts, similarity, similarity_kwargs, tie_tol=tie_tol,
-                              device=device)
+                              device=device, holdout=holdout, split_seed=split_seed)
             for name, rec in records.items()}

@@ -2,21 +2,32 @@
 
 A label's soft-WPMI score is not a quality measure: it is unnormalised and saturates (a unit that dominates
 a concept scores log K whatever the concept). Oikarinen, Yan & Weng (ICML 2025, "Evaluating Neuron
-Explanations") put about 18 metrics through two sanity tests, "missing labels" (remove part of the concept's
-positives: the metric must drop) and "extra labels" (add unrelated positives: it must drop); Pearson
-correlation, cosine, AUPRC, F1 and IoU passed both. Here, per labelled unit, over the probe images:
+Explanations", NeuronEval) put about 18 metrics through two sanity tests, "missing labels" (remove part of the
+concept's positives: the metric must drop) and "extra labels" (add unrelated positives: it must drop); Pearson
+correlation, cosine, AUPRC, F1 and IoU passed both. Here, per labelled unit:
 
 - ``label_corr``: Pearson correlation between the unit's pooled activation and the label's column of the
   image-concept matrix (ground-truth presence, or a CLIP similarity as pseudo-label). 0 is chance, 1 perfect.
 - ``label_auprc``: average precision of the activation as a detector of the label's presence. A column
   with two values (ground truth) is its own presence; a continuous one (CLIP similarities) is split into
-  present/absent by Otsu's threshold on that concept's similarities over the probe images, the pseudo-label.
+  present/absent by Otsu's threshold on that concept's similarities, the pseudo-label ("presence by CLIP").
   Chance is the concept's base rate, reported beside it as ``label_base_rate``.
+- ``label_f1_005``, ``label_iou_005``, ``label_f1_02``, ``label_iou_02``: NeuronEval's F1 and IoU between the
+  label's presence and the unit's top-alpha images (alpha = 0.005 and 0.02 of the images; the tie at the
+  threshold all in, and never an image where the unit is 0 when :mod:`lwta_vision.dissect.ranking` leaves
+  those out).
 
-Both come from torchmetrics' functional metrics, computed for all units of a layer at once.
+**Held out.** A label is the best of up to 20,000 concepts for the probe images it was chosen on, so any
+agreement measured on those same images is inflated by the choice. :func:`holdout_split` therefore splits the
+probe by a seeded hash of each image's index: labels are chosen on one part and these figures are computed on
+the other (``label_layer``'s ``holdout``). The same figures on the images that chose the label are kept as
+``label_corr_insample`` and ``label_auprc_insample``, to show the gap.
+
+All come from torchmetrics' functional metrics or closed forms, computed for all units of a layer at once.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from typing import Optional
@@ -26,7 +37,51 @@ from torch import Tensor
 from torchmetrics.functional import pearson_corrcoef
 from torchmetrics.functional.classification import binary_average_precision, multilabel_average_precision
 
-QUALITY_FIELDS = ("label_corr", "label_auprc", "label_base_rate")
+from lwta_vision.dissect.ranking import zeros_excluded
+
+TOP_ALPHAS = {"005": 0.005, "02": 0.02}
+"""NeuronEval's top-alpha fractions for F1 and IoU, by the suffix of their field names."""
+QUALITY_FIELDS = ("label_corr", "label_auprc", "label_base_rate") + tuple(
+    f"label_{m}_{a}" for a in TOP_ALPHAS for m in ("f1", "iou"))
+"""Held-out label quality, per unit (computed on images that did not choose the label)."""
+INSAMPLE_FIELDS = ("label_corr_insample", "label_auprc_insample")
+"""The same correlation and AUPRC on the images that chose the label (optimistic; shown to measure the gap)."""
+
+
+def holdout_split(num_images: int, fraction: float = 0.5, seed: int = 0) -> Tensor:
+    """Bool [num_images]: True for the images held out from choosing labels.
+
+    Each image's part is a hash of (seed, its probe index), so it does not depend on how many images there
+    are, on the order they are recorded in, or on the machine; about ``fraction`` of them are held out.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"holdout fraction must be in [0, 1), got {fraction}")
+    if fraction == 0.0:
+        return torch.zeros(num_images, dtype=torch.bool)
+    cut = int(fraction * 2**64)
+    return torch.tensor([int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest(), "little")
+                         < cut for i in range(num_images)], dtype=torch.bool)
+
+
+def top_alpha(activations: Tensor, alpha: float) -> Tensor:
+    """Bool [N, K]: each unit's top ``alpha`` of the images (at least one), every image tied at the threshold
+    included, and none where the unit is 0 when the ranking rule leaves its zeros out."""
+    n = activations.shape[0]
+    count = min(n, max(1, math.ceil(alpha * n)))
+    threshold = activations.topk(count, dim=0).values[-1]
+    chosen = activations >= threshold
+    return chosen & ~(zeros_excluded(activations) & (activations == 0))
+
+
+def f1_iou(predicted: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+    """Per column of two bool [N, K] matrices: F1 = 2TP / (2TP + FP + FN) and IoU = TP / (TP + FP + FN);
+    NaN where both are empty."""
+    tp = (predicted & present).sum(0).double()
+    fp = (predicted & ~present).sum(0).double()
+    fn = (~predicted & present).sum(0).double()
+    union = tp + fp + fn
+    f1 = torch.where(union > 0, 2 * tp / (2 * tp + fp + fn).clamp_min(1), torch.nan)
+    return f1, torch.where(union > 0, tp / union.clamp_min(1), torch.nan)
 
 
 def otsu_threshold(values: Tensor, bins: int = 256) -> float:
@@ -67,7 +122,10 @@ def presence_of(signal: Tensor) -> Tensor:
 
 def label_quality(activations: Tensor, signal: Tensor, label: Tensor, presence: Optional[Tensor] = None,
                   ) -> dict[str, Tensor]:
-    """Per unit: Pearson(activation, signal[:, label]) and AUPRC(activation, presence[:, label]).
+    """Per unit: Pearson(activation, signal[:, label]), AUPRC(activation, presence[:, label]) and F1/IoU at top-alpha.
+
+    Computed on whatever images are given: pass the held-out ones (:func:`holdout_split`) for figures the
+    label's choice did not see.
 
     Args:
         activations: [N images, K units] pooled activations.
@@ -77,8 +135,8 @@ def label_quality(activations: Tensor, signal: Tensor, label: Tensor, presence: 
         presence: optional [N, M] binary presence; default :func:`presence_of` of the labels' columns.
 
     Returns:
-        ``label_corr``, ``label_auprc``, ``label_base_rate``: float64 [K], NaN where undefined (no label, a
-        constant activation or signal, no presence, or a concept absent from every image).
+        the :data:`QUALITY_FIELDS`: float64 [K], NaN where undefined (no label, a constant activation or
+        signal, no presence, or a concept absent from every image).
     """
     if activations.ndim != 2 or len(signal.shape) != 2 or activations.shape[0] != signal.shape[0]:
         raise ValueError(f"activations {tuple(activations.shape)} and signal {tuple(signal.shape)} must be "
@@ -107,7 +165,20 @@ def label_quality(activations: Tensor, signal: Tensor, label: Tensor, presence: 
     ap = torch.as_tensor(ap, dtype=torch.float64).reshape(-1)
     out["label_auprc"][has] = torch.where(pos.sum(0) > 0, ap, torch.nan)
     out["label_base_rate"][has] = pos.double().mean(0)
+    for suffix, alpha in TOP_ALPHAS.items():
+        f1, iou = f1_iou(top_alpha(acts, alpha), pos > 0)
+        out[f"label_f1_{suffix}"][has], out[f"label_iou_{suffix}"][has] = f1, iou
     return out
+
+
+def presence_by_threshold(signal, cols: Tensor) -> bool:
+    """Whether any of the ``cols`` columns is continuous, so :func:`presence_of` splits it by Otsu's threshold
+    (a CLIP similarity, a pseudo-label) rather than reading annotations."""
+    uniq = torch.unique(cols)
+    if uniq.numel() == 0:
+        return False
+    block = _columns(signal, uniq).double().cpu()
+    return any(torch.unique(block[:, j]).numel() > 2 for j in range(block.shape[1]))
 
 
 def _columns_presence(signal: Tensor, cols: Tensor) -> Tensor:

@@ -5,7 +5,7 @@ from typing import Optional
 
 from lwta_vision.callbacks.dissection import console_line
 from lwta_vision.data.base import VisionDataModule
-from lwta_vision.dissect.clip_dissect.labeling import label_records
+from lwta_vision.dissect.clip_dissect.labeling import HOLDOUT, label_records
 from lwta_vision.dissect.labels import TIE_TOL
 from lwta_vision.dissect.pipeline import record_probe, write_report
 from lwta_vision.dissect_cli.loading import (
@@ -49,6 +49,7 @@ def describe(
     batch_size: int = 64,
     device: str = "auto",
     tie_tol: float = TIE_TOL,
+    holdout: float = HOLDOUT,
 ) -> dict:
     """Label every unit of ``layers`` and write ``<layer>.csv/.json``, ``summary.json`` and ``index.html``.
 
@@ -84,11 +85,14 @@ def describe(
         tie_tol: soft-WPMI/WPMI scores closer than this are ties, decided by the contrast of the unit's
             log p(t|k) with the layer's mean, then by concept order; every row reports its ``margin``,
             ``decided_by`` and ``tie_margin``.
+        holdout: fraction of the probe images that never choose a label; each label's quality (``label_corr``,
+            ``label_auprc``, F1/IoU at the top 0.5% and 2%) is measured on them, its in-sample figures are
+            ``*_insample`` (0: choose on all images, in-sample figures only).
     """
     dev = torch_device(device)
     precision = resolve_clip_precision(clip_precision, dev)  # checked before anything is loaded
     require_layers(layers)
-    check_options(scorer, similarity, output_dir, tie_tol=tie_tol)
+    check_options(scorer, similarity, output_dir, tie_tol=tie_tol, holdout=holdout)
     net, probe, class_names = load_inputs(checkpoint, torchvision_model, torchvision_weights, data, split, max_images,
                                     *image_folder_images(image_folder))
     net = net.to(dev)
@@ -100,11 +104,12 @@ def describe(
     records = record_probe(net, layers, probe, top_k, pooling, token_pooling, batch_size, num_workers, dev,
                            progress=True)
     image_concept = sc.image_concept(probe, concept_list)
-    results = label_records(records, image_concept, concept_list, similarity, similarity_kwargs, tie_tol, dev)
+    results = label_records(records, image_concept, concept_list, similarity, similarity_kwargs, tie_tol, dev,
+                            holdout=holdout)
     meta = {"checkpoint": checkpoint, "torchvision_model": torchvision_model,
             "weights": weights_record(checkpoint, torchvision_model, torchvision_weights), "probe": probe.name,
             "num_images": len(probe), "concepts": concepts or "scorer default", "num_concepts": len(concept_list),
-            "scorer": type(sc).__name__, "similarity": similarity}
+            "scorer": type(sc).__name__, "similarity": similarity, "holdout": holdout}
     write_report(output_dir, results, probe, net, records, images_per_unit, meta, html, dev)
     for layer, res in results.items():
         s = res.summary

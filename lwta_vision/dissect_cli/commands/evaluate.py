@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Optional
 
 from lwta_vision.data.base import VisionDataModule
-from lwta_vision.dissect.clip_dissect.labeling import label_records
-from lwta_vision.dissect.labels import TIE_TOL
+from lwta_vision.dissect.clip_dissect.labeling import HOLDOUT, label_records
+from lwta_vision.dissect.labels import QUALITY_NAMES, TIE_TOL
 from lwta_vision.dissect.pipeline import record_probe
 from lwta_vision.dissect_cli.loading import (
     build_scorer,
@@ -47,6 +47,7 @@ def evaluate(
     batch_size: int = 64,
     device: str = "auto",
     tie_tol: float = TIE_TOL,
+    holdout: float = HOLDOUT,
 ) -> dict:
     """Label the final layer (unit i = class i) and score the labels against the class names.
 
@@ -63,12 +64,14 @@ def evaluate(
             deliberate untrained baseline (announced on stderr, recorded as ``weights``); null is refused.
         clip_precision: the CLIP encoder's: auto (bf16 or fp16 on a GPU, fp32 on a CPU), fp32, fp16, bf16.
         num_workers: DataLoader workers decoding the probe images (for the network and for CLIP).
+        holdout: fraction of the probe images that never choose a label; the label quality (``label_corr``,
+            ``label_auprc``, F1/IoU) is measured on them (0: choose on all, in-sample figures only).
     """
     from lwta_vision.dissect.evaluate.final_layer import SentenceEmbedder, evaluate_labels
 
     dev = torch_device(device)
     precision = resolve_clip_precision(clip_precision, dev)  # checked before anything is loaded
-    check_options(scorer, similarity, output_file=output, tie_tol=tie_tol)
+    check_options(scorer, similarity, output_file=output, tie_tol=tie_tol, holdout=holdout)
     net, probe, class_names = load_inputs(checkpoint, torchvision_model, torchvision_weights, data, split, max_images,
                                     *image_folder_images(image_folder))
     net = net.to(dev)
@@ -81,7 +84,7 @@ def evaluate(
     records = record_probe(net, [layer], probe, top_k, batch_size=batch_size, num_workers=num_workers, device=dev,
                            progress=True)
     res = label_records(records, sc.image_concept(probe, concept_list), concept_list, similarity, similarity_kwargs,
-                        tie_tol, dev)[layer]
+                        tie_tol, dev, holdout=holdout)[layer]
     if len(res.rows) != len(class_names):
         raise ValueError(f"layer {layer!r} has {len(res.rows)} units but the model has {len(class_names)} classes; "
                          f"evaluate needs the final (class) layer")
@@ -97,8 +100,8 @@ def evaluate(
                     "ties": sum(r.decided_by not in (None, "score") for r in res.rows),
                     "min_margin": min((m for m in margins if m is not None), default=None),
                     "min_tie_margin": min((r.tie_margin for r in res.rows if r.tie_margin is not None), default=None),
-                    "mean_label_corr": res.summary["mean_label_corr"],
-                    "mean_label_auprc": res.summary["mean_label_auprc"],
+                    "holdout": holdout, "holdout_images": res.summary["holdout_images"],
+                    **{f"mean_{q}": res.summary[f"mean_{q}"] for q in QUALITY_NAMES},
                     "labels": res.labels, "margins": margins, "decided_by": [r.decided_by for r in res.rows],
                     "label_corr": [r.label_corr for r in res.rows], "label_auprc": [r.label_auprc for r in res.rows]})
     if output:
