@@ -48,6 +48,7 @@ class RunConfigCallback(SaveConfigCallback):
             fs.makedirs(str(folder), exist_ok=True)
             self.parser.save(self.config, str(folder / self.config_filename), skip_none=False, overwrite=True,
                              multifile=self.multifile)
+            _note_lwta_implementation(fs, folder / self.config_filename, pl_module, trainer.strategy.root_device)
         if trainer.is_global_zero:
             self.save_config(trainer, pl_module, stage)
             self.already_saved = True
@@ -67,6 +68,22 @@ class RunConfigCallback(SaveConfigCallback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.experiment.config.update({"cli": _plain_config(self.config)}, allow_val_change=True)
+
+
+def _note_lwta_implementation(fs, path: Path, pl_module: L.LightningModule, device) -> None:
+    """A comment atop config.yaml naming the implementation that draws the LWTA noise (not a setting: the file
+    still reruns the run with ``--config``; the same seed with another implementation trains another network)."""
+    record = getattr(pl_module, "lwta_implementation", lambda device: None)(device)
+    if record is None:
+        return
+    from lwta_vision.layers import describe_implementation
+
+    with fs.open(str(path), "r") as f:
+        text = f.read()
+    note = (f"# LWTA noise drawn by: {describe_implementation(record)} (recorded by train.py; the checkpoints "
+            f"hold it as lwta_implementation)\n")
+    with fs.open(str(path), "w") as f:
+        f.write(note + text)
 
 
 def _plain_config(config) -> dict:

@@ -54,6 +54,10 @@ class EpochShuffleSampler(DistributedSampler):
     instead of wrapping it in one.
     """
 
+    ORDER_VERSION = 2
+    """Bump when the same (seed, epoch) gives another order (1: the RandomSampler before this class). Results are
+    stamped with it (``lwta_vision.provenance``): every trained network changes with the order."""
+
     def __init__(self, num_samples: int, seed: int, num_replicas: int = 1, rank: int = 0):
         super().__init__(range(int(num_samples)), num_replicas=num_replicas, rank=rank, shuffle=True, seed=int(seed))
         self.size = int(num_samples)

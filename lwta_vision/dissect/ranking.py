@@ -32,7 +32,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["TopMembership", "top_membership", "top_images", "zeros_excluded"]
+__all__ = ["RULE_VERSION", "TopMembership", "top_membership", "top_images", "zeros_excluded"]
+
+RULE_VERSION = 1
+"""Bump when the rule picks other top images (results are stamped with it; 0 was ``torch.topk``'s tie order)."""
 
 
 @dataclass

@@ -105,6 +105,7 @@ def load_inputs(checkpoint, torchvision_model, torchvision_weights, data, split,
     if checkpoint is not None:
         net, hp = load_network(checkpoint)
         class_names = hp.get("class_names") or [str(i) for i in range(hp.get("num_classes", 0))]
+        print(f"checkpoint {checkpoint}: LWTA noise drawn by {lwta_noise(checkpoint)}", file=sys.stderr)
         recorded = recorded_datamodule(checkpoint)
         if dm is None:
             cfg = run_config(checkpoint)
@@ -171,11 +172,24 @@ def torchvision_weights_entry(name: str, weights: Optional[str]):
     return enum[weights]
 
 
+def lwta_noise(checkpoint: str) -> str:
+    """The implementation that drew a checkpoint's LWTA training noise, in words (``lwta_vision.layers``)."""
+    from lwta_vision.checkpoints import read_checkpoint
+    from lwta_vision.layers import describe_implementation
+
+    ckpt = read_checkpoint(checkpoint, mmap=True)
+    hp = ckpt.get("hyper_parameters") or {}
+    if "lwta_implementation" not in ckpt and "lwta" not in str(hp.get("act")) + str(hp.get("model_kwargs")):
+        return "none (no LWTA layers)"
+    return describe_implementation(ckpt.get("lwta_implementation"))
+
+
 def weights_record(checkpoint: Optional[str], torchvision_model: Optional[str],
                     torchvision_weights: Optional[str]) -> Optional[str]:
-    """What the network's weights are, for summary.json and the metrics: a random baseline must say so."""
+    """What the network's weights are, for summary.json and the metrics: a random baseline must say so, and a
+    checkpoint names the implementation whose LWTA noise trained it."""
     if checkpoint is not None:
-        return "from the checkpoint"
+        return f"from the checkpoint (LWTA noise drawn by {lwta_noise(checkpoint)})"
     if torchvision_model is None:
         return None
     w = torchvision_weights_entry(torchvision_model, torchvision_weights)

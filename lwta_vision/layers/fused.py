@@ -32,6 +32,10 @@ import torch
 from torch import Tensor
 
 _SOURCE = Path(__file__).with_name("_fused_lwta.cpp")
+NOISE_VERSION = 3
+"""The version of the kernel's random draws: bump it whenever the same seed gives other winners (the hash, the
+uniform, the log/exp polynomials). 1: the first kernel; 2: explicit fma in the log and exp polynomials; 3: the
+uniform never rounds to 1.0. Checkpoints and run folders record it (``lwta_vision.layers.implementation``)."""
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _lock = threading.Lock()
 _ext = None

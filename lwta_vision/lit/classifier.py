@@ -7,13 +7,13 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lwta_vision.dissect.evaluate.planted import PLANT_MARGIN, PlantedUnit, assign_units, planted_loss
-from lwta_vision.layers import collect_lwta_stats, lwta_modules, win_entropy
+from lwta_vision.layers import collect_lwta_stats, describe_implementation, implementation, lwta_modules, win_entropy
 from lwta_vision.models import backbone_kwargs, create_model
 
 
@@ -214,7 +214,33 @@ class LitClassifier(L.LightningModule):
                  kind == "presence")
                 for kind in ("mask", "presence") if (group := [u for u in units if u.by == kind])]
 
+    def lwta_implementation(self, device: Optional[torch.device] = None) -> Optional[dict]:
+        """Which implementation draws this network's LWTA training noise on ``device`` (default: where the module
+        is); None without LWTA layers."""
+        if not lwta_modules(self.model):
+            return None
+        return implementation(device or self.device)
+
+    def on_fit_start(self) -> None:
+        """Say which implementation draws the LWTA noise (the same seed trains another network with another one),
+        and warn when a resumed run continues with a different one than it started with."""
+        record = self.lwta_implementation()
+        if record is None:
+            return
+        rank_zero_info(f"LWTA noise: {describe_implementation(record)}")
+        started = getattr(self, "_resumed_lwta_implementation", None)
+        if started and {k: v for k, v in started.items() if k != "torch"} != {
+                k: v for k, v in record.items() if k != "torch"}:
+            rank_zero_warn(f"this run started with LWTA noise from {describe_implementation(started)} and continues "
+                           f"with {describe_implementation(record)}: the rest of the run draws other noise")
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._resumed_lwta_implementation = checkpoint.get("lwta_implementation")
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        record = self.lwta_implementation()
+        if record is not None:  # which draws trained these weights (dissect.py prints it)
+            checkpoint["lwta_implementation"] = record
         if self.planted_units:
             checkpoint["planted_units"] = [u.as_dict() for u in self.planted_units]
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None

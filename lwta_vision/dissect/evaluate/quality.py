@@ -48,6 +48,10 @@ INSAMPLE_FIELDS = ("label_corr_insample", "label_auprc_insample")
 """The same correlation and AUPRC on the images that chose the label (optimistic; shown to measure the gap)."""
 
 
+SPLIT_VERSION = 1
+"""Bump when :func:`holdout_split` puts an image in another part (results are stamped with it)."""
+
+
 def holdout_split(num_images: int, fraction: float = 0.5, seed: int = 0) -> Tensor:
     """Bool [num_images]: True for the images held out from choosing labels.
 
