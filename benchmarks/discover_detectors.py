@@ -1,8 +1,8 @@
 """DISCOVER's claim on our generated data: do competing (LWTA) units become concept detectors more often?
 
-    python benchmarks/discover_detectors.py --seeds 0 1 2 --competitors 2 16 --epochs 8 --out RESULTS.json
+    python benchmarks/discover_detectors.py --seeds 0 1 2 3 4 --competitors 2 16 --epochs 8      # RESULTS.md §2
     python benchmarks/discover_detectors.py --seeds 0 1 2 --competitors 2 16 --widths 64 128 256 \
-        --epochs 8 --epochs-for 16=24 --out RESULTS_wide.json
+        --epochs 8 --epochs-for 16=24 --section discover_wide                                       # §2b
 
 For each seed, trains the quickstart network (convnet_small, widths 32-64-128 by default, max global pool,
 AdamW 3e-3 cosine, 8000 generated 32x32 images) with ReLU and with LWTA for each U, to similar accuracy
@@ -10,14 +10,17 @@ AdamW 3e-3 cosine, 8000 generated 32x32 images) with ReLU and with LWTA for each
 the 1000 validation images: Network Dissection (IoU of the top-quantile maps (default 0.02) against shape / colour /
 texture masks; detector = IoU > 0.04): number of detectors, unique concepts, mean IoU of detectors; and the
 text labels (soft-WPMI with the ground-truth scorer) of the same units, with their agreement with the IoU
-label among detectors. Prints a table (mean +- std over seeds) and writes all numbers as JSON.
+label among detectors. Prints a table (mean +- std over seeds) and writes ``results/<section>.json`` and its
+tables in RESULTS.md (``benchmarks/results.py``); LWTA uses the layer's defaults (noise_scale, impl), the
+stamp says which.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -30,6 +33,7 @@ from lwta_vision.dissect.pipeline import record_probe
 from lwta_vision.lit import LitClassifier
 
 LAYERS = ["layer1", "layer2", "layer3"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def train(act: dict, seed: int, epochs: int, num_train: int,
@@ -79,7 +83,7 @@ def main() -> None:
     ap.add_argument("--no-relu", action="store_true", help="skip the ReLU baseline")
     ap.add_argument("--epochs-for", nargs="*", default=[], metavar="VARIANT=EPOCHS",
                     help="per-variant epochs to reach similar accuracy, e.g. 16=24 (U=16) or relu=8")
-    ap.add_argument("--out", default="RESULTS.json")
+    ap.add_argument("--section", default="discover", help="results/<section>.json and its RESULTS.md block")
     ap.add_argument("--quantile", type=float, default=0.02,
                     help="NetDissect's 0.005 caps IoU below 0.04 on 32x32 shapes (see RESULTS.md)")
     args = ap.parse_args()
@@ -93,6 +97,12 @@ def main() -> None:
         if name not in variants or not n.isdigit():
             ap.error(f"--epochs-for {item!r}: use relu=N or <U>=N (e.g. 16=24) for a U in --competitors")
         epochs[name] = int(n)
+    from lwta_vision.provenance import stamp
+    from results import mean_std, write_section
+
+    argv = " ".join(sys.argv[1:])
+    st = stamp(f"python benchmarks/discover_detectors.py {argv}".strip(), seeds=args.seeds, widths=args.widths,
+               epochs=epochs, num_train=args.num_train, quantile=args.quantile)
     runs = []
     for seed in args.seeds:
         for name, act in variants.items():
@@ -104,8 +114,6 @@ def main() -> None:
                 f"{l}: det {r['detectors']}/{r['units']} uniq {r['unique_concepts']} iou {r['mean_iou']:.3f} "
                 f"agree {r['agreement']:.2f}" for l, r in res.items()) + f"  ({time.perf_counter() - t0:.0f}s)",
                 flush=True)
-            with open(args.out, "w") as f:
-                json.dump({"args": vars(args), "runs": runs}, f, indent=1)
 
     def ms(vals):
         vals = [v for v in vals if v == v]
@@ -121,6 +129,23 @@ def main() -> None:
             get = lambda k: [r["layers"][layer][k] for r in rs]  # noqa: E731
             print(f"{name:<11}{ms([r['val_acc'] for r in rs]):>18}  {layer:<7}{ms(get('detectors')):>18}"
                   f"{ms(get('unique_concepts')):>18}{ms(get('mean_iou')):>18}{ms(get('agreement')):>18}")
+    table = [f"Mean ± std over seeds {', '.join(map(str, args.seeds))}; widths {args.widths}; epochs "
+             + ", ".join(f"{k} {v}" for k, v in epochs.items()) + f"; IoU quantile {args.quantile}, detector IoU > 0.04.",
+             "", "| variant | val acc | layer | units | detectors | unique concepts | mean IoU | text-IoU agreement |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name in variants:
+        rs = [r for r in runs if r["variant"] == name]
+        for layer in LAYERS:
+            get = lambda k: [r["layers"][layer][k] for r in rs]  # noqa: E731
+            table.append(f"| {name} | {mean_std(r['val_acc'] for r in rs)} | {layer} | {rs[0]['layers'][layer]['units']} | "
+                         f"{mean_std(get('detectors'))} | {mean_std(get('unique_concepts'))} | "
+                         f"{mean_std(get('mean_iou'))} | {mean_std(get('agreement'))} |")
+    table += ["", "Per run (detectors / units):", "", "| seed | variant | val acc | " + " | ".join(LAYERS) + " |",
+              "|---|---|---|" + "---|" * len(LAYERS)]
+    for r in runs:
+        table.append(f"| {r['seed']} | {r['variant']} | {r['val_acc']:.3f} | " + " | ".join(
+            f"{r['layers'][l]['detectors']}/{r['layers'][l]['units']}" for l in LAYERS) + " |")
+    print(write_section(args.section, st, {"runs": runs}, "\n".join(table)))
 
 
 if __name__ == "__main__":

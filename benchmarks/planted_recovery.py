@@ -15,13 +15,16 @@ label-quality metrics (``label_corr``, ``label_auprc`` against ground truth) of 
 planted concept and for a random other concept of the same category (the control), and, for the free
 units, their own labels' quality.
 
-    python benchmarks/planted_recovery.py --seeds 0 1 2 [--out runs/planted_recovery] [--epochs 8] [--reuse]
+Writes ``results/planted.json`` and the tables of RESULTS.md §4 (``benchmarks/results.py``).
+
+    python benchmarks/planted_recovery.py --seeds 0 1 2 3 4 [--out runs/planted_recovery] [--epochs 8] [--reuse]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +32,15 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 METHODS = ("gt_active", "gt_all", "clip_active", "clip_all", "iou", "dnd")
+METHOD_NAMES = {"gt_active": "soft-WPMI, ground truth (scale 0.3), prior over active units (default)",
+                "gt_all": "soft-WPMI, ground truth, prior over all units (CLIP-Dissect's code)",
+                "clip_active": "soft-WPMI, the concept CLIP (default), prior over active units",
+                "clip_all": "soft-WPMI, the concept CLIP, prior over all units",
+                "iou": "Network Dissection IoU (quantile 0.005, NetDissect-Lite's union)",
+                "dnd": "Describe-and-Dissect selection, ground-truth doubles"}
+CONFIG = "configs/planted.yaml"
 
 
 def train(seed: int, out: Path, epochs: int | None = None, extra: tuple[str, ...] = ()) -> tuple[Path, float, float]:
@@ -134,6 +145,11 @@ def main() -> None:
     p.add_argument("--no-dnd", action="store_true")
     p.add_argument("--reuse", action="store_true", help="measure the checkpoints already under --out (no training)")
     a = p.parse_args()
+    from lwta_vision.provenance import stamp
+
+    command = "python benchmarks/planted_recovery.py --seeds " + " ".join(map(str, a.seeds)) + (
+        f" --epochs {a.epochs}" if a.epochs else "") + (" --no-dnd" if a.no_dnd else "")
+    st = stamp(command, [CONFIG], seeds=a.seeds, epochs=a.epochs)
     rows = []
     for seed in a.seeds:
         found = sorted((Path(a.out) / f"seed{seed}").glob("**/checkpoints/last.ckpt")) if a.reuse else []
@@ -157,6 +173,39 @@ def main() -> None:
         qs = [r[f"quality_{key}"] for r in rows]
         print(f"quality {key:8s} corr {_mean(q['corr'] for q in qs)}  auprc {_mean(q['auprc'] for q in qs)}  "
               f"chance {_mean(q['chance'] for q in qs)}")
+    if not a.reuse:
+        from results import write_section
+
+        print(write_section("planted", st, {"rows": rows}, tables(rows)))
+
+
+def tables(rows: list[dict]) -> str:
+    from results import mean_std
+
+    seeds = " | ".join(f"seed {r['seed']}" for r in rows)
+    out = [f"| method | {seeds} | total | mean ± std per seed |", "|---|" + "---|" * (len(rows) + 2)]
+    total = sum(r["planted"] for r in rows)
+    for m in METHODS:
+        if m not in rows[0]:
+            continue
+        hit = sum(r[m]["recovered"] for r in rows)
+        out.append(f"| {METHOD_NAMES[m]} | " + " | ".join(f"{r[m]['recovered']}/{r['planted']}" for r in rows)
+                   + f" | **{hit}/{total} ({hit / total:.1%})** | {mean_std(r[m]['recovered'] for r in rows)} |")
+    out += ["", "val acc per seed: " + ", ".join(f"{r['val_acc']:.3f}" for r in rows), "",
+            "| units | n | label_corr | label_auprc | chance (base rate) | smallest AUPRC |", "|---|---|---|---|---|---|"]
+    names = {"planted": "planted units, planted concept", "control": "planted units, random concept of the same category",
+             "free": "free units, their own ground-truth soft-WPMI label (held out)"}
+    for key, name in names.items():
+        qs = [r[f"quality_{key}"] for r in rows]
+        smallest = min((q["min_auprc"] for q in qs if q["min_auprc"] is not None), default=None)
+        out.append(f"| {name} | {sum(q['units'] for q in qs)} | {mean_std(q['corr'] for q in qs)} | "
+                   f"{mean_std(q['auprc'] for q in qs)} | {mean_std(q['chance'] for q in qs)} | "
+                   f"{'-' if smallest is None else f'{smallest:.3f}'} |")
+    missed = [f"seed {r['seed']} {m}: {', '.join(r[m]['missed'])}" for r in rows for m in METHODS
+              if m in r and r[m]["missed"]]
+    if missed:
+        out += ["", "Missed units (layer:unit planted -> label):", ""] + [f"- {x}" for x in missed]
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
