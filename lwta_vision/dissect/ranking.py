@@ -141,29 +141,28 @@ def top_membership(
 def top_images(values: Tensor, n: int, ids: Optional[Tensor] = None) -> list[list[int]]:
     """Per unit of ``values`` [N, K] ([N] for one unit), the images to show as its top ``n``, most active first.
 
-    Rule 1 applies (a unit that fires on 3 images shows 3), and a tie at the n-th value brings in
-    every image tied with it, so which images are shown never depends on the probe's order; equal values are
-    listed by image id, an order of display only. ``ids`` [N]: the id of each row (default: the row index).
+    Rule 1 applies (a unit that fires on 3 images shows 3), and a tie at the n-th value brings in every image
+    tied with it, so which images are shown never depends on the probe's order; equal values are listed by
+    image id, an order of display only. ``ids`` [N]: the id of each row (default: the row index).
     """
     if values.ndim == 1:
         values = values[:, None]
-    count = values.shape[0]
+    count, num_units = values.shape
     ids = torch.arange(count) if ids is None else ids.long().cpu()
     values = values.cpu()
-    excluded = zeros_excluded(values)
-    by_id = ids.argsort(stable=True)
-    values, ids = values[by_id], ids[by_id]
+    if n < 1 or count == 0:
+        return [[] for _ in range(num_units)]
+    candidates = values.masked_fill(zeros_excluded(values) & (values == 0), -math.inf)
+    vals, idx = candidates.topk(min(n, count), dim=0)  # [n, K]; the tie at the n-th value is completed below
+    threshold = vals[-1]
+    finite = vals > -math.inf
+    reach = ((candidates >= threshold) & (candidates > -math.inf)).sum(0)  # images at or above the n-th value
     out = []
-    for u in range(values.shape[1]):
-        col = values[:, u]
-        order = col.argsort(descending=True, stable=True)
-        ranked = col[order]
-        if bool(excluded[u]):
-            order, ranked = order[ranked != 0], ranked[ranked != 0]
-        if ranked.numel() > n >= 1:
-            keep = ranked >= ranked[n - 1]
-            order = order[keep]
-        elif n < 1:
-            order = order[:0]
-        out.append(ids[order].tolist())
+    for u in range(num_units):
+        if int(reach[u]) == int(finite[:, u].sum()):  # the top n hold the whole tie at the cut
+            rows = idx[finite[:, u], u]
+        else:
+            rows = ((candidates[:, u] >= threshold[u]) & (candidates[:, u] > -math.inf)).nonzero().flatten()
+        pairs = sorted(zip((-values[rows, u]).tolist(), ids[rows].tolist()))
+        out.append([i for _, i in pairs])
     return out

@@ -298,6 +298,7 @@ def test_readme_torchrun_commands_parse(monkeypatch, capsys):
         assert printed["trainer"]["strategy"] == "ddp"
 
 
+@pytest.mark.slow  # ~65 s (inductor compiles in both processes); compile and DDP each have fast tests in CI
 def test_ddp_with_a_compiled_backbone_trains_dissects_and_checkpoints(ddp_run, tmp_path):
     # the default backend (inductor) in both processes; the uncompiled run of the fixture is the yardstick
     _train_py(tmp_path, "fit", "--config", QUICK, *DATA, *DDP, "--trainer.max_epochs", "1",
