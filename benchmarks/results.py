@@ -1,9 +1,9 @@
 """Results sections as code: each benchmark writes ``results/<section>.json`` (stamped) and its tables into
 RESULTS.md between ``<!-- results:<section> -->`` and ``<!-- /results:<section> -->``.
 
-The stamp (``lwta_vision.provenance.stamp``) records the commit, the machine, the LWTA implementation and the
-defaults that shape the figures; ``tests/test_results.py`` fails when any of them has changed since, naming
-the section and this command. Text outside the markers is prose, written by hand about the tables inside.
+The stamp (``lwta_vision.provenance.stamp``) records the commit, the machine, the LWTA implementation that ran
+and the defaults that shape the figures; ``tests/test_results.py`` fails when one of those defaults (not the
+machine) has changed since, naming the section and its command. Text outside the markers is prose, written by hand about the tables inside.
 """
 from __future__ import annotations
 

@@ -78,7 +78,7 @@ def shaping_settings(configs: Iterable[str] = ()) -> dict:
 def _commit() -> Optional[str]:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "lwta_vision", "configs"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "lwta_vision", "configs", "benchmarks"],
                                cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None

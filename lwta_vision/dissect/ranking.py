@@ -18,7 +18,8 @@ The rule, for each unit over the probe images:
    [s, e) gets, for each member, the mean rank weight of those positions; a group cut by the top-k boundary
    at position k includes every member with mass (k - s) / g (the expected membership under a uniformly
    random order of the tie), so the k slots are filled exactly.
-3. A unit that is 0 everywhere (or constant) shares all k slots among all its images.
+3. A unit that is 0 everywhere (or constant) shares all k slots among all its images (and shows none, see
+   :func:`top_images`).
 
 The result is a function of the multiset of (value, image) pairs: permuting the probe permutes the pairs and
 changes nothing else (to float summation order).
@@ -104,6 +105,8 @@ def top_membership(
     (p_start - p_end) / k per rank); without them every weight is 1 (WPMI's hard membership).
     """
     n, num_units = activations.shape
+    if n == 0 or int(top_k) < 1:
+        raise ValueError(f"top images need at least one image and top_k >= 1, got {n} images and top_k={top_k}")
     k = min(int(top_k), n)
     device = activations.device
     ramp = p_start is not None
@@ -143,7 +146,8 @@ def top_images(values: Tensor, n: int, ids: Optional[Tensor] = None) -> list[lis
 
     Rule 1 applies (a unit that fires on 3 images shows 3), and a tie at the n-th value brings in every image
     tied with it, so which images are shown never depends on the probe's order; equal values are listed by
-    image id, an order of display only. ``ids`` [N]: the id of each row (default: the row index).
+    image id, an order of display only. A constant unit (0 everywhere: an LWTA unit that never wins) shows
+    none: no image is more its own than another. ``ids`` [N]: the id of each row (default: the row index).
     """
     if values.ndim == 1:
         values = values[:, None]
@@ -157,8 +161,12 @@ def top_images(values: Tensor, n: int, ids: Optional[Tensor] = None) -> list[lis
     threshold = vals[-1]
     finite = vals > -math.inf
     reach = ((candidates >= threshold) & (candidates > -math.inf)).sum(0)  # images at or above the n-th value
+    constant = values.amax(0) == values.amin(0)
     out = []
     for u in range(num_units):
+        if bool(constant[u]):
+            out.append([])
+            continue
         if int(reach[u]) == int(finite[:, u].sum()):  # the top n hold the whole tie at the cut
             rows = idx[finite[:, u], u]
         else:

@@ -44,4 +44,7 @@ def describe(record: Optional[dict]) -> str:
         return (f"fused CPU kernel, noise v{record.get('noise_version')} ({record.get('cpu_capability')}"
                 f"{torch_version})")
     reason = f": {record['reason']}" if record.get("reason") else ""
+    if record.get("name") == "mixed":
+        return (f"fused CPU kernel, noise v{record.get('noise_version')}, and reference torch ops{reason}"
+                f"{torch_version}")
     return f"reference torch ops{reason}{torch_version}"

@@ -217,9 +217,20 @@ class LitClassifier(L.LightningModule):
     def lwta_implementation(self, device: Optional[torch.device] = None) -> Optional[dict]:
         """Which implementation draws this network's LWTA training noise on ``device`` (default: where the module
         is); None without LWTA layers."""
-        if not lwta_modules(self.model):
+        modules = lwta_modules(self.model).values()
+        if not modules:
             return None
-        return implementation(device or self.device)
+        record = implementation(device or self.device)
+        if record["name"] == "reference":
+            return record
+        # what the layers ask for can rule the kernel out whatever the device: impl='reference', soft samples, float64
+        precision = str(getattr(self._trainer, "precision", "")) if self._trainer is not None else ""
+        off = [m.impl == "reference" or not m.hard or precision.startswith("64") for m in modules]
+        if any(off):
+            reason = (f"{sum(off)} of {len(off)} LWTA layers run the reference (impl='reference', hard=False or "
+                      f"float64)")
+            record = {**record, "name": "reference" if all(off) else "mixed", "reason": reason}
+        return record
 
     def on_fit_start(self) -> None:
         """Say which implementation draws the LWTA noise (the same seed trains another network with another one),

@@ -49,3 +49,16 @@ def test_a_run_records_its_implementation_everywhere(tmp_path, monkeypatch, caps
                             "--scorer", "ground_truth"])
     assert metrics["weights"] == f"from the checkpoint (LWTA noise drawn by {line})"
     assert f"LWTA noise drawn by {line}" in capsys.readouterr().err
+
+
+def test_layers_that_ask_for_the_reference_are_recorded_as_such():
+    if fused.extension() is None:
+        pytest.skip("the fused kernel is not built here: every layer runs the reference anyway")
+    quick = str(ROOT / "configs" / "quickstart.yaml")
+    cli = cli_main(["--config", quick, "--model.init_args.act_kwargs", '{"competitors": 4, "impl": "reference"}'],
+                   run=False)
+    record = cli.model.lwta_implementation(torch.device("cpu"))
+    assert record["name"] == "reference" and "3 of 3 LWTA layers" in record["reason"]
+    assert describe_implementation(record).startswith("reference torch ops: 3 of 3 LWTA layers run the reference")
+    default = cli_main(["--config", quick], run=False).model.lwta_implementation(torch.device("cpu"))
+    assert default["name"] == "fused_cpu"

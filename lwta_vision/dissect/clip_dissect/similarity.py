@@ -431,6 +431,14 @@ def cos_similarity_cubed(
 # --------------------------------------------------------------------------------------------------
 # rank reorder
 # --------------------------------------------------------------------------------------------------
+def _mean_abs_pow_diff(v: torch.Tensor, p: float, rows: int = 1024) -> torch.Tensor:
+    """mean over (i, j) of |v_i - v_j|^p, a block of rows at a time (a tie cut by the top-k can bring many)."""
+    total = torch.zeros((), dtype=v.dtype, device=v.device)
+    for start in range(0, v.shape[0], rows):
+        total += (v[start:start + rows, None] - v[None, :]).abs().pow(p).sum()
+    return total / (v.shape[0] ** 2)
+
+
 @torch.no_grad()
 def rank_reorder(
     activations: torch.Tensor,
@@ -445,7 +453,8 @@ def rank_reorder(
     """How well a concept's ranking of a neuron's top images reproduces the neuron's own ranking.
 
     For neuron k take its n top images x_1..x_n with activations v_1 >= ... >= v_n (by
-    :mod:`lwta_vision.dissect.ranking`'s rule: none where it is 0, every image tied with the n-th). Concept t ranks the
+    :mod:`lwta_vision.dissect.ranking`'s rule: no exact zeros when two or more images are 0 and some
+    image is not, and every image tied with the n-th; a unit tied on all of them scores 0 everywhere). Concept t ranks the
     same images by P[x, t] (descending); if it puts image i at position rho_t(i), the activation it
     "predicts" for image i is v_{rho_t(i)}. The error is
 
@@ -485,7 +494,10 @@ def rank_reorder(
     for neuron in range(activations.shape[1]):
         images = tops[neuron]
         target = activations[images, neuron].to(dtype)  # descending
-        random_order_err = (target[:, None] - target[None, :]).abs().pow(p).mean().clamp_min(eps)
+        if bool(target[0] == target[-1]):  # every top image ties (a constant unit): every ordering is exact
+            out[neuron] = 0.0
+            continue
+        random_order_err = _mean_abs_pow_diff(target, p).clamp_min(eps)
         rows = rows_of(image_concept_sim, images)  # [n, M]
         for start in range(0, num_concepts, chunk_size):
             sims = rows[:, start : start + chunk_size].to(dtype)  # [n, c]

@@ -72,9 +72,10 @@ def top_alpha(activations: Tensor, alpha: float) -> Tensor:
     included, and none where the unit is 0 when the ranking rule leaves its zeros out."""
     n = activations.shape[0]
     count = min(n, max(1, math.ceil(alpha * n)))
-    threshold = activations.topk(count, dim=0).values[-1]
-    chosen = activations >= threshold
-    return chosen & ~(zeros_excluded(activations) & (activations == 0))
+    # the zeros leave before the threshold is taken, as in the ranking rule (negative winners can still rank)
+    candidates = activations.masked_fill(zeros_excluded(activations) & (activations == 0), -math.inf)
+    threshold = candidates.topk(count, dim=0).values[-1]
+    return (candidates >= threshold) & (candidates > -math.inf)
 
 
 def f1_iou(predicted: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
@@ -178,11 +179,10 @@ def label_quality(activations: Tensor, signal: Tensor, label: Tensor, presence: 
 def presence_by_threshold(signal, cols: Tensor) -> bool:
     """Whether any of the ``cols`` columns is continuous, so :func:`presence_of` splits it by Otsu's threshold
     (a CLIP similarity, a pseudo-label) rather than reading annotations."""
-    uniq = torch.unique(cols)
-    if uniq.numel() == 0:
-        return False
-    block = _columns(signal, uniq).double().cpu()
-    return any(torch.unique(block[:, j]).numel() > 2 for j in range(block.shape[1]))
+    for j in torch.unique(cols).tolist():  # one column at a time, stopping at the first continuous one
+        if torch.unique(_columns(signal, torch.tensor([j])).cpu()).numel() > 2:
+            return True
+    return False
 
 
 def _columns_presence(signal: Tensor, cols: Tensor) -> Tensor:

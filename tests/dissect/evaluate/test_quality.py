@@ -45,6 +45,8 @@ def test_top_alpha_keeps_the_tie_at_the_threshold_and_leaves_out_the_zeros():
     sparse = torch.zeros(200, 1)
     sparse[7, 0] = 1.0  # fires on one image: its top 2% is that image, not three arbitrary zeros
     assert top_alpha(sparse, 0.02)[:, 0].nonzero().flatten().tolist() == [7]
+    sparse[100:110, 0] = -torch.arange(1.0, 11.0)  # and on ten more with negative values: they rank, zeros do not
+    assert top_alpha(sparse, 0.02)[:, 0].nonzero().flatten().tolist() == [7, 100, 101, 102]
     f1, iou = f1_iou(torch.tensor([[True], [True], [False], [False]]), torch.tensor([[True], [False], [True], [False]]))
     assert float(f1) == pytest.approx(0.5) and float(iou) == pytest.approx(1 / 3)
 
@@ -81,8 +83,8 @@ def _record(acts):
 def test_held_out_quality_of_shuffled_units_is_chance_where_in_sample_is_not(seed):
     """The best of 500 concepts for units that carry no information (activations shuffled across images) looks
     better than chance on the images that chose it, and is at chance on the held-out ones. Measured on seeds
-    0-4: in-sample AUPRC 0.146-0.150 and corr 0.072-0.088; held-out AUPRC 0.103-0.111 against a base rate of
-    0.099-0.103, held-out corr within 0.013 of 0."""
+    0-5: in-sample AUPRC 0.041-0.050 above the base rate (about 0.10) and corr 0.072-0.088; held-out AUPRC
+    0.004-0.008 above it, held-out corr within 0.013 of 0."""
     g = torch.Generator().manual_seed(seed)
     n, k, m = 2000, 16, 500
     presence = (torch.rand(n, m, generator=g) < 0.1).double()
@@ -97,7 +99,8 @@ def test_held_out_quality_of_shuffled_units_is_chance_where_in_sample_is_not(see
     # the same units unshuffled are real detectors, and held out says so
     real = label_layer(_record(detectors.float()), presence * 0.3, concepts)
     assert real.labels == concepts[:k]
-    assert real.summary["mean_label_auprc"] > 0.9 and real.summary["mean_label_corr"] > 0.7  # measured >= 0.98, 0.76
+    # measured on seeds 0-5: AUPRC 0.984-0.986, corr 0.761-0.773 (std 0.005)
+    assert real.summary["mean_label_auprc"] > 0.9 and real.summary["mean_label_corr"] > 0.7
 
 
 def test_holdout_zero_reports_in_sample_figures_only():
