@@ -1,12 +1,13 @@
 """Accuracy against active fraction for the quickstart network on the generated shapes: ReLU vs LWTA U=2..16.
 
-    python benchmarks/quickstart_accuracy.py --seeds 0 1 2 --epochs 4 --num-train 4000
+    python benchmarks/quickstart_accuracy.py --seeds 0 1 2 3 4 --epochs 3 --num-train 4000      # RESULTS.md §5
 
 The quickstart's model and recipe (configs/quickstart.yaml: convnet_small 32-64-128, max global pool, AdamW
 3e-3, cosine, batch 64, ConceptDataModule 32x32) through LitClassifier and a Lightning Trainer, every variant
 with the same data, epochs and seeds; only the activation changes and LWTA uses the layer's defaults. U=24
 does not divide the 32-channel first layer, so the curve stops at U=16 (6.25% active). Prints test accuracy
 (mean +- std), the gap to ReLU, and the logged ``test/win_entropy/<layer>``; ``--plot`` writes the curve.
+Writes ``results/accuracy.json`` and its table in RESULTS.md (``benchmarks/results.py``).
 """
 from __future__ import annotations
 
@@ -52,6 +53,9 @@ def main() -> None:
     ap.add_argument("--plot", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    from lwta_vision.provenance import stamp
+
+    st = stamp("", seeds=args.seeds, epochs=args.epochs, num_train=args.num_train, variants=args.variants)
     results = {v: [] for v in args.variants}
     for seed in args.seeds:
         for v in args.variants:
@@ -72,6 +76,22 @@ def main() -> None:
     if args.plot:
         plot(results, args.plot, f"generated shapes, convnet_small 32-64-128, {args.num_train} images, "
                                  f"{args.epochs} epochs, seeds {args.seeds}")
+    from results import mean_std, write_section
+
+    table = [f"{args.num_train} training images, {args.epochs} epochs, seeds {', '.join(map(str, args.seeds))}, "
+             f"{args.threads} thread(s); test accuracy on 1,000 test images.", "",
+             "| variant | active | test acc | gap to ReLU (points) | " + " | ".join(f"seed {s}" for s in args.seeds)
+             + " | win entropy per layer |", "|---|---|---|---|" + "---|" * len(args.seeds) + "---|"]
+    for v, runs in results.items():
+        accs = [r["acc"] for r in runs]
+        gap = f"{100 * (statistics.mean(accs) - statistics.mean(relu)):+.2f}" if relu and v != "relu" else ""
+        ent = ", ".join(f"{k} {statistics.mean(float(r['win_entropy'][k]) for r in runs):.2f}"
+                        for k in runs[0]["win_entropy"])
+        table.append(f"| {'ReLU' if v == 'relu' else 'U=' + v} | {'1' if v == 'relu' else f'{1 / int(v):.3f}'} | "
+                     f"{mean_std(accs)} | {gap} | " + " | ".join(f"{a:.4f}" for a in accs) + f" | {ent} |")
+    argv = " ".join(sys.argv[1:])
+    st["command"] = f"python benchmarks/quickstart_accuracy.py {argv}".strip()
+    print(write_section("accuracy", st, {"results": results}, "\n".join(table)))
 
 
 if __name__ == "__main__":
