@@ -1,8 +1,8 @@
 """Planted neurons and label-quality metrics: units trained to detect a known concept, and describers scored on them.
 
 The fast version of benchmarks/planted_recovery.py: configs/planted.yaml trained through train.py on fewer
-images for 2 epochs, then the benchmark's own ``measure``. What it asserts holds with a margin on seeds 0-2
-of the full benchmark (RESULTS.md §4) and on this short run.
+images for 2 epochs, then the benchmark's own ``measure``. What it asserts held with a margin on seeds 0-4 of
+this short run (the calls below with the seed changed) and of the full benchmark (RESULTS.md §4).
 """
 import math
 import sys
@@ -124,11 +124,13 @@ def test_planted_units_are_recovered_and_score_above_controls(tmp_path):
     r = measure(ckpt, max_images=500, with_dnd=False)
     n = r["planted"]
     assert n == 24  # 8 colours + 4 textures in layer2 and in layer3
-    # measured on this run: ground truth 24/24 (full benchmark: RESULTS.md §4)
-    assert r["gt_active"]["recovered"] >= n - 2, r
-    assert r["iou"]["recovered"] >= n - 8, r
+    # bounds from this short run (2 epochs, 3000 images, 500 probe images) on seeds 0-4 of the current code, with
+    # the margin beside each (the full benchmark is RESULTS.md §4): ground truth 22-24 of 24, IoU 18-21
+    assert r["gt_active"]["recovered"] >= n - 3, r  # one unit of margin
+    assert r["iou"]["recovered"] >= n - 8, r  # two units of margin
     planted, control = r["quality_planted"], r["quality_control"]
-    # the planted concept explains the unit; a random concept of the same category is at chance
+    # the planted concept explains the unit; a random concept of the same category is at chance. Measured: AUPRC
+    # lead 0.509-0.566, planted corr 0.60-0.67, control corr within 0.087 of 0 and AUPRC within 0.007 of chance
     assert planted["auprc"] > control["auprc"] + 0.3, r
     assert planted["corr"] > 0.4 and abs(control["corr"]) < 0.2, r
     assert abs(control["auprc"] - control["chance"]) < 0.1, r
