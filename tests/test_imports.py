@@ -18,7 +18,7 @@ RANK = {
     "dissect": 2,
     "concept_clip.scorer": 3, "concept_clip.train": 3, "concept_clip.__main__": 4,
     "data": 3, "lit": 3, "checkpoints": 3, "loggers": 3,
-    "callbacks": 4,
+    "callbacks": 4, "provenance": 4,  # provenance: what shapes a figure (reads data, layers, dissect defaults)
     "cli": 5,
     "dissect_cli": 6,
 }
