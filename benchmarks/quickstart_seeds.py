@@ -84,16 +84,22 @@ def quality(ckpt: Path, scorer: str, out: Path) -> dict:
             for layer, s in summaries.items()}
 
 
-def measure_seed(seed: int, out: Path, extra: tuple[str, ...] = ()) -> dict:
+def measure_seed(seed: int, out: Path, extra: tuple[str, ...] = (), reused: dict | None = None) -> dict:
+    """Train (or, with ``reused``, take the checkpoint that row was measured on) and measure one seed."""
     from dnd_selection import measure as dnd
 
-    ckpt, seconds, val_acc = train(seed, out / f"seed{seed}", extra)
+    if reused is None:
+        ckpt, seconds, val_acc = train(seed, out / f"seed{seed}", extra)
+    else:
+        ckpt, seconds, val_acc = Path(reused["checkpoint"]), reused["train_seconds"], reused["val_acc"]
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"--reuse: {ckpt} (seed {seed}) is gone; train again without --reuse")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         dnd_fc, dnd_lp = dnd(ckpt, tmp / "dnd"), dnd(ckpt, tmp / "dnd_lp", layer="log_softmax")
         q = {"concept_clip": quality(ckpt, "auto", tmp / "q_clip"), "ground_truth": quality(ckpt, "ground_truth",
                                                                                             tmp / "q_gt")}
-    return {"seed": seed, "train_seconds": round(seconds, 1), "val_acc": round(val_acc, 4),
+    return {"seed": seed, "checkpoint": str(ckpt), "train_seconds": round(seconds, 1), "val_acc": round(val_acc, 4),
             "concept_clip": evaluate(ckpt), "ground_truth_0.3": evaluate(ckpt, scale=0.3),
             "ground_truth_1.0": evaluate(ckpt, scale=1.0),
             "dnd": {layer: {k: r[k] for k in ("units", "class_recovered", "agree_with_direct", "min_candidates",
@@ -150,12 +156,26 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--out", default="runs/quickstart_seeds")
     p.add_argument("--smoke", action="store_true", help="1 epoch on 512 images, nothing written: checks the script")
+    p.add_argument("--reuse", action="store_true",
+                   help="measure again the checkpoints of results/quickstart.json (no training; its training "
+                        "commit, times and accuracies are kept and the stamp says so)")
     a = p.parse_args()
     extra = ("--trainer.max_epochs", "1", "--data.init_args.num_train", "512") if a.smoke else ()
-    st = stamp(COMMAND.format(seeds=" ".join(map(str, a.seeds))), [CONFIG], seeds=a.seeds)
+    previous = {}
+    extra_stamp = {}
+    if a.reuse:
+        from results import RESULTS_DIR
+
+        old = json.loads((RESULTS_DIR / "quickstart.json").read_text())
+        for r in old["data"]["rows"]:
+            r.setdefault("checkpoint", str(next((Path(a.out) / f"seed{r['seed']}").glob("**/checkpoints/last.ckpt"))))
+        previous = {r["seed"]: r for r in old["data"]["rows"]}
+        extra_stamp = {"trained_at": old["stamp"].get("trained_at") or old["stamp"]["commit"],
+                       "trained_with": old["stamp"].get("trained_with") or old["stamp"]["lwta_noise"]}
+    st = stamp(COMMAND.format(seeds=" ".join(map(str, a.seeds))), [CONFIG], seeds=a.seeds, **extra_stamp)
     rows = []
     for seed in a.seeds:
-        row = measure_seed(seed, Path(a.out), extra)
+        row = measure_seed(seed, Path(a.out), extra, previous.get(seed) if a.reuse else None)
         rows.append(row)
         print(json.dumps(row), flush=True)
     if a.smoke:
