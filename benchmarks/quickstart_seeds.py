@@ -166,7 +166,12 @@ def main() -> None:
     if a.reuse:
         from results import RESULTS_DIR
 
+        from lwta_vision.provenance import stale_settings
+
         old = json.loads((RESULTS_DIR / "quickstart.json").read_text())
+        if stale_settings(old["stamp"]):
+            raise SystemExit(f"--reuse: the section's networks were trained with other settings "
+                             f"({stale_settings(old['stamp'])}); train again without --reuse")
         for r in old["data"]["rows"]:
             r.setdefault("checkpoint", str(next((Path(a.out) / f"seed{r['seed']}").glob("**/checkpoints/last.ckpt"))))
         previous = {r["seed"]: r for r in old["data"]["rows"]}

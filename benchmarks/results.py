@@ -37,8 +37,8 @@ def mean_std(values) -> str:
 def stamp_line(stamp: dict) -> str:
     """One Markdown line saying what produced a table."""
     s = stamp["settings"]
-    reused = (f" (networks trained at commit `{stamp['trained_at'][:12]}`, whose training code is the same; "
-              f"measured again with `--reuse`)") if stamp.get("trained_at") else ""
+    reused = (f" (networks trained at commit `{stamp['trained_at'][:12]}` with the same settings; measured again "
+              f"with `--reuse`)") if stamp.get("trained_at") else ""
     return (f"*Measured {stamp['date']} at commit `{(stamp['commit'] or 'unknown')[:12]}`{reused} by "
             f"`{stamp['command']}`; "
             f"torch {stamp['torch']}, {stamp['cpu']} ({stamp['cpu_capability']}, {stamp['threads']} threads); "
