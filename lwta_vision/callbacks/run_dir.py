@@ -82,8 +82,10 @@ def _note_lwta_implementation(fs, path: Path, pl_module: L.LightningModule, devi
         text = f.read()
     note = (f"# LWTA noise drawn by: {describe_implementation(record)} (recorded by train.py; the checkpoints "
             f"hold it as lwta_implementation)\n")
-    with fs.open(str(path), "w") as f:
+    tmp = f"{path}.tmp"  # written beside it and moved over it: config.yaml is never left half written
+    with fs.open(tmp, "w") as f:
         f.write(note + text)
+    fs.mv(tmp, str(path))
 
 
 def _plain_config(config) -> dict:

@@ -18,9 +18,13 @@ TIE_TOL = 1e-3
 NEAR_TIE_FACTOR = 10.0
 """A label decided by score with a margin below ``NEAR_TIE_FACTOR * tie_tol`` is flagged as a near tie."""
 DECIDED_BY = ("score", "contrast", "order")
-QUALITY_NAMES = ("label_corr", "label_auprc", "label_base_rate", "label_f1_005", "label_iou_005", "label_f1_02",
-                 "label_iou_02", "label_corr_insample", "label_auprc_insample")
-"""The label-quality fields of a row, held-out first (defined in ``dissect/evaluate/quality.py``)."""
+QUALITY_FIELDS = ("label_corr", "label_auprc", "label_base_rate", "label_f1_005", "label_iou_005", "label_f1_02",
+                  "label_iou_02")
+"""Held-out label quality, per unit (computed on images that did not choose the label; ``dissect/evaluate/quality.py``)."""
+INSAMPLE_FIELDS = ("label_corr_insample", "label_auprc_insample")
+"""The same correlation and AUPRC on the images that chose the label (optimistic; shown to measure the gap)."""
+QUALITY_NAMES = QUALITY_FIELDS + INSAMPLE_FIELDS
+"""Every label-quality field of a row, held-out first."""
 _ROWS = 256  # units ranked at once
 
 

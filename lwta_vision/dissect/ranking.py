@@ -51,7 +51,6 @@ class TopMembership:
             tie group cut by the top-k boundary.
         scale: [K] ``top_k / total mass``: 1 for a unit with a full top-k, more for a unit that fires on fewer
             than ``top_k`` images (rule 1).
-        k: the top-k used (``top_k`` clipped to the number of images).
     """
 
     image: Tensor
@@ -59,7 +58,6 @@ class TopMembership:
     weight: Tensor
     mass: Tensor
     scale: Tensor
-    k: int
 
     def images_of(self, unit: int) -> Tensor:
         """The top images of one unit, as a set (no order)."""
@@ -137,7 +135,7 @@ def top_membership(
     unit = torch.cat([unit_a, unit_b])
     mass = torch.cat([mass_a, mass_b])
     weight = torch.cat([weight_a, weight_b]) if ramp else torch.ones_like(mass)
-    return TopMembership(image=image, unit=unit, weight=weight, mass=mass, scale=k / total, k=k)
+    return TopMembership(image=image, unit=unit, weight=weight, mass=mass, scale=k / total)
 
 
 @torch.no_grad()

@@ -23,16 +23,11 @@ from torch import Tensor
 
 from lwta_vision.dissect.clip_dissect.image_concept import ImageConcept, images_of
 from lwta_vision.dissect.clip_dissect.similarity import get_similarity
-from lwta_vision.dissect.evaluate.quality import (
-    INSAMPLE_FIELDS,
-    QUALITY_FIELDS,
-    holdout_split,
-    label_quality,
-    presence_by_threshold,
-)
+from lwta_vision.dissect.evaluate.quality import holdout_split, label_quality, presence_by_threshold
 from lwta_vision.dissect.labels import (
     DECIDED_BY,
     NEAR_TIE_FACTOR,
+    QUALITY_NAMES,
     TIE_TOL,
     LayerLabels,
     NeuronRow,
@@ -188,7 +183,7 @@ def label_layer(
             "ties": ties,
             "near_ties": near,
             **{f"mean_{name}": _mean_of(getattr(r, name) for r in labelled)
-               for name in QUALITY_FIELDS + INSAMPLE_FIELDS},
+               for name in QUALITY_NAMES},
             "holdout": holdout,
             "holdout_images": int(held.sum()),
             # how presence was read for AUPRC/F1/IoU: "annotations", or "threshold" (Otsu on a CLIP similarity)

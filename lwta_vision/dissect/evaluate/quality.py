@@ -37,15 +37,11 @@ from torch import Tensor
 from torchmetrics.functional import pearson_corrcoef
 from torchmetrics.functional.classification import binary_average_precision, multilabel_average_precision
 
+from lwta_vision.dissect.labels import INSAMPLE_FIELDS, QUALITY_FIELDS  # noqa: F401 (re-exported)
 from lwta_vision.dissect.ranking import zeros_excluded
 
 TOP_ALPHAS = {"005": 0.005, "02": 0.02}
-"""NeuronEval's top-alpha fractions for F1 and IoU, by the suffix of their field names."""
-QUALITY_FIELDS = ("label_corr", "label_auprc", "label_base_rate") + tuple(
-    f"label_{m}_{a}" for a in TOP_ALPHAS for m in ("f1", "iou"))
-"""Held-out label quality, per unit (computed on images that did not choose the label)."""
-INSAMPLE_FIELDS = ("label_corr_insample", "label_auprc_insample")
-"""The same correlation and AUPRC on the images that chose the label (optimistic; shown to measure the gap)."""
+"""NeuronEval's top-alpha fractions for F1 and IoU, by the suffix of their field names in ``QUALITY_FIELDS``."""
 
 
 SPLIT_VERSION = 1
